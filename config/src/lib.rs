@@ -1,1 +1,411 @@
+//! MyChat server configuration: one TOML file, every key optional with a documented
+//! default (`config/mychat.toml` lists them all), every key overridable from the
+//! environment as `MYCHAT__SECTION__KEY` (for example
+//! `MYCHAT__SERVER__LOGIN_TIMEOUT_MS=2000`). An unknown section or key, a value of the
+//! wrong type or out of range stops the start with an error naming the key.
+//!
+//! Flow: file text → `toml::Table` → environment overrides applied to the table →
+//! typed [`Config`] (serde, `deny_unknown_fields`) → [`Config::validate`].
 
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Why a configuration was refused. The message always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key { key: key.into(), message: message.into() }
+}
+
+/// How many sessions a user may hold at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiDevice {
+    /// One session per (user, platform): a new login on the same platform kicks the
+    /// older one (QQ's rule). The default.
+    PerPlatform,
+    /// One session per user: any new login kicks the older one.
+    Single,
+    /// Any number of sessions, up to `auth.max_sessions_per_user` (the oldest is kicked).
+    Multi,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    pub max_frame_len: u32,
+    pub max_connections: usize,
+    pub login_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub outbound_buffer_bytes: usize,
+    pub max_inflight_per_conn: usize,
+    pub shard_queue_depth: usize,
+    pub shutdown_deadline_ms: u64,
+    pub blocking_threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7100".parse().unwrap(),
+            data_dir: PathBuf::from("data"),
+            shards: 0,
+            max_frame_len: 1024 * 1024 + 8,
+            max_connections: 100_000,
+            login_timeout_ms: 10_000,
+            idle_timeout_ms: 90_000,
+            heartbeat_interval_ms: 30_000,
+            outbound_buffer_bytes: 4 * 1024 * 1024,
+            max_inflight_per_conn: 64,
+            shard_queue_depth: 4096,
+            shutdown_deadline_ms: 10_000,
+            blocking_threads: 4,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub min_password_len: usize,
+    pub max_password_len: usize,
+    pub access_token_ttl_secs: u64,
+    pub refresh_token_ttl_secs: u64,
+    /// Hex-encoded HMAC key (at least 32 bytes). Empty: generated once into
+    /// `<data_dir>/token.key` with mode 0600.
+    pub token_key: String,
+    pub argon2_m_cost_kib: u32,
+    pub argon2_t_cost: u32,
+    pub argon2_p_cost: u32,
+    pub multi_device: MultiDevice,
+    pub max_sessions_per_user: usize,
+    pub failed_logins_per_user: u32,
+    pub failed_logins_per_addr: u32,
+    pub failed_login_window_secs: u64,
+    pub registrations_per_addr_per_min: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            min_password_len: 8,
+            max_password_len: 128,
+            access_token_ttl_secs: 3600,
+            refresh_token_ttl_secs: 30 * 24 * 3600,
+            token_key: String::new(),
+            argon2_m_cost_kib: 19 * 1024,
+            argon2_t_cost: 2,
+            argon2_p_cost: 1,
+            multi_device: MultiDevice::PerPlatform,
+            max_sessions_per_user: 8,
+            failed_logins_per_user: 10,
+            failed_logins_per_addr: 50,
+            failed_login_window_secs: 300,
+            registrations_per_addr_per_min: 1000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessagesConfig {
+    pub max_text_len: usize,
+    pub max_payload_len: usize,
+    pub max_client_msg_id_len: usize,
+}
+
+impl Default for MessagesConfig {
+    fn default() -> Self {
+        MessagesConfig { max_text_len: 16 * 1024, max_payload_len: 64 * 1024, max_client_msg_id_len: 64 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    pub max_page: u32,
+    pub unread_conversations: u32,
+    pub unread_per_conversation: u32,
+    pub history_max_page: u32,
+    pub conversations_max_page: u32,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            max_page: 500,
+            unread_conversations: 100,
+            unread_per_conversation: 50,
+            history_max_page: 200,
+            conversations_max_page: 200,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// SQLite in `server.data_dir`; needs no other service.
+    Embedded,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    pub write_queue: usize,
+    pub max_batch: usize,
+    pub read_connections: usize,
+    pub cache_mib: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { backend: Backend::Embedded, write_queue: 16_384, max_batch: 1024, read_connections: 4, cache_mib: 64 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `mychat=debug,warn` …
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub messages: MessagesConfig,
+    pub sync: SyncConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+}
+
+const SECTIONS: [&str; 6] = ["server", "auth", "messages", "sync", "store", "log"];
+
+impl Config {
+    /// Loads `path` (or only the defaults when `None`), applies the process
+    /// environment's `MYCHAT__…` overrides, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?,
+            None => String::new(),
+        };
+        let name = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<defaults>"));
+        Config::from_parts(&text, &name, std::env::vars())
+    }
+
+    /// Parses `text`, applies overrides from `env` (only `MYCHAT__` names count), and
+    /// validates.
+    pub fn from_parts(
+        text: &str,
+        name: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax { path: name.into(), message: e.to_string() })?;
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("MYCHAT__") else { continue };
+            let parts: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let [section, key] = &parts[..] else {
+                return Err(key_err(k.clone(), "environment overrides are MYCHAT__SECTION__KEY"));
+            };
+            let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+            let toml::Value::Table(t) = entry else {
+                return Err(key_err(section.clone(), "must be a table"));
+            };
+            t.insert(key.clone(), parse_env_value(&v));
+        }
+        for (section, value) in &table {
+            if !SECTIONS.contains(&section.as_str()) {
+                return Err(key_err(section.clone(), format!("unknown section (known: {})", SECTIONS.join(", "))));
+            }
+            let toml::Value::Table(t) = value else {
+                return Err(key_err(section.clone(), "must be a table"));
+            };
+            // Deserialize key by key against the defaults so an error names the key.
+            for (key, v) in t {
+                let mut probe = toml::Table::new();
+                let mut inner = toml::Table::new();
+                inner.insert(key.clone(), v.clone());
+                probe.insert(section.clone(), toml::Value::Table(inner));
+                if let Err(e) = toml::Value::Table(probe).try_into::<Config>() {
+                    let msg = e.to_string();
+                    let msg = msg.lines().next().unwrap_or("invalid").to_string();
+                    return Err(key_err(format!("{section}.{key}"), msg));
+                }
+            }
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| key_err("<config>", e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range checks that the types alone do not make.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, lo: T, hi: T) -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                return Err(key_err(key, format!("{v} is out of range {lo}..={hi}")));
+            }
+            Ok(())
+        }
+        let s = &self.server;
+        range("server.shards", s.shards, 0, 256)?;
+        range("server.max_frame_len", s.max_frame_len, 64, 64 * 1024 * 1024 + 8)?;
+        range("server.max_connections", s.max_connections, 1, 10_000_000)?;
+        range("server.login_timeout_ms", s.login_timeout_ms, 100, 3_600_000)?;
+        range("server.idle_timeout_ms", s.idle_timeout_ms, 1_000, 86_400_000)?;
+        range("server.heartbeat_interval_ms", s.heartbeat_interval_ms, 100, 86_400_000)?;
+        if s.heartbeat_interval_ms >= s.idle_timeout_ms {
+            return Err(key_err("server.heartbeat_interval_ms", "must be below server.idle_timeout_ms"));
+        }
+        range("server.outbound_buffer_bytes", s.outbound_buffer_bytes, 16 * 1024, 1 << 30)?;
+        if s.outbound_buffer_bytes < s.max_frame_len as usize + 12 {
+            return Err(key_err("server.outbound_buffer_bytes", "must hold at least one frame of server.max_frame_len"));
+        }
+        range("server.max_inflight_per_conn", s.max_inflight_per_conn, 1, 4096)?;
+        range("server.shard_queue_depth", s.shard_queue_depth, 16, 1 << 20)?;
+        range("server.shutdown_deadline_ms", s.shutdown_deadline_ms, 100, 600_000)?;
+        range("server.blocking_threads", s.blocking_threads, 1, 512)?;
+        let a = &self.auth;
+        range("auth.min_password_len", a.min_password_len, 1, 1024)?;
+        range("auth.max_password_len", a.max_password_len, a.min_password_len, 1024)?;
+        range("auth.access_token_ttl_secs", a.access_token_ttl_secs, 10, 365 * 86400)?;
+        range("auth.refresh_token_ttl_secs", a.refresh_token_ttl_secs, 60, 3650 * 86400)?;
+        if !a.token_key.is_empty() {
+            let ok = a.token_key.len() >= 64 && a.token_key.len() % 2 == 0 && a.token_key.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                return Err(key_err("auth.token_key", "must be empty or at least 64 hex digits (32 bytes)"));
+            }
+        }
+        range("auth.argon2_m_cost_kib", a.argon2_m_cost_kib, 8, 4 * 1024 * 1024)?;
+        range("auth.argon2_t_cost", a.argon2_t_cost, 1, 100)?;
+        range("auth.argon2_p_cost", a.argon2_p_cost, 1, 64)?;
+        if a.argon2_m_cost_kib < 8 * a.argon2_p_cost {
+            return Err(key_err("auth.argon2_m_cost_kib", "must be at least 8 × auth.argon2_p_cost"));
+        }
+        range("auth.max_sessions_per_user", a.max_sessions_per_user, 1, 1024)?;
+        range("auth.failed_logins_per_user", a.failed_logins_per_user, 1, 1_000_000)?;
+        range("auth.failed_logins_per_addr", a.failed_logins_per_addr, 1, 1_000_000)?;
+        range("auth.failed_login_window_secs", a.failed_login_window_secs, 1, 86400)?;
+        range("auth.registrations_per_addr_per_min", a.registrations_per_addr_per_min, 1, 10_000_000)?;
+        let m = &self.messages;
+        range("messages.max_text_len", m.max_text_len, 1, 1 << 20)?;
+        range("messages.max_payload_len", m.max_payload_len, 0, 1 << 20)?;
+        range("messages.max_client_msg_id_len", m.max_client_msg_id_len, 8, 256)?;
+        let y = &self.sync;
+        range("sync.max_page", y.max_page, 1, 10_000)?;
+        range("sync.unread_conversations", y.unread_conversations, 1, 10_000)?;
+        range("sync.unread_per_conversation", y.unread_per_conversation, 1, 10_000)?;
+        range("sync.history_max_page", y.history_max_page, 1, 10_000)?;
+        range("sync.conversations_max_page", y.conversations_max_page, 1, 10_000)?;
+        let st = &self.store;
+        range("store.write_queue", st.write_queue, 1, 1 << 22)?;
+        range("store.max_batch", st.max_batch, 1, 1 << 16)?;
+        range("store.read_connections", st.read_connections, 1, 256)?;
+        range("store.cache_mib", st.cache_mib, 1, 1 << 16)?;
+        if self.log.level.trim().is_empty() {
+            return Err(key_err("log.level", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The number of shard threads to run: `server.shards`, or one per core when 0.
+    pub fn shard_count(&self) -> usize {
+        if self.server.shards == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            self.server.shards
+        }
+    }
+}
+
+/// An environment value as TOML: a number, a boolean, or else a string.
+fn parse_env_value(v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = v.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    if let Ok(f) = v.parse::<f64>() {
+        if v.contains('.') {
+            return toml::Value::Float(f);
+        }
+    }
+    toml::Value::String(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_parts(text, Path::new("t.toml"), env.iter().map(|(a, b)| (a.to_string(), b.to_string())))
+    }
+
+    #[test]
+    fn empty_gives_defaults() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:7100".parse().unwrap());
+        assert_eq!(c.server.max_frame_len, 1024 * 1024 + 8);
+        assert_eq!(c.auth.multi_device, MultiDevice::PerPlatform);
+    }
+
+    #[test]
+    fn shipped_file_matches_defaults() {
+        let text = include_str!("../mychat.toml");
+        let c = parse(text, &[]).unwrap();
+        let d = Config::default();
+        assert_eq!(format!("{c:?}"), format!("{d:?}"));
+    }
+
+    #[test]
+    fn env_overrides_win() {
+        let c = parse("[server]\nlogin_timeout_ms = 5000\n", &[("MYCHAT__SERVER__LOGIN_TIMEOUT_MS", "2000"), ("MYCHAT__AUTH__MULTI_DEVICE", "multi"), ("OTHER", "x")]).unwrap();
+        assert_eq!(c.server.login_timeout_ms, 2000);
+        assert_eq!(c.auth.multi_device, MultiDevice::Multi);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("[server]\nlogin_timout_ms = 1\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("server.login_timout_ms"), "{e}");
+        let e = parse("[sever]\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("`sever`"), "{e}");
+        let e = parse("", &[("MYCHAT__SERVER__IDLE_TIMEOUT_MS", "soon")]).unwrap_err().to_string();
+        assert!(e.contains("server.idle_timeout_ms"), "{e}");
+        let e = parse("[server]\nshards = 100000\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("server.shards") && e.contains("out of range"), "{e}");
+        let e = parse("", &[("MYCHAT__NOPE", "1")]).unwrap_err().to_string();
+        assert!(e.contains("MYCHAT__NOPE"), "{e}");
+        let e = parse("[auth]\ntoken_key = \"abc\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("auth.token_key"), "{e}");
+        let e = parse("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("server.listen"), "{e}");
+    }
+}
