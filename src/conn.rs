@@ -1,0 +1,351 @@
+//! One client connection: its read loop, its coalesced writes, its timers and its
+//! session state. One task per connection; requests run as futures inside that task
+//! (at most `server.max_inflight_per_conn` at once), never as tasks of their own.
+//!
+//! Lifecycle: accepted → (HELLO, REGISTER, LOGIN …) → logged in (registered in the
+//! directory) → closing (kicked, timed out, bad frame, peer gone) → in-flight requests
+//! answered → KICK push (if kicked) flushed → closed. The drop guard unregisters the
+//! session and gives the connection slot back, however the task ends (a panic too).
+//!
+//! Writes: responses and pushes are appended to one `BytesMut`; each wakeup writes as
+//! much of it as the socket takes (one write for many frames). Its size is bounded by
+//! `server.outbound_buffer_bytes`: past it the connection is closed as a slow consumer
+//! (its messages are stored; it re-syncs when it comes back).
+
+use crate::directory::SessionRef;
+use crate::ids::{ConnId, UserId};
+use crate::router;
+use crate::shard::ShardCtx;
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use mychat_codec::{FrameCodec, FrameError, Header};
+use mychat_proto::{Command, ErrorCode, KickPush, KickReason, Platform};
+use prost::Message as _;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::codec::Decoder;
+
+/// The logged-in identity of a connection.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub user: UserId,
+    pub username: String,
+    pub device_id: Arc<str>,
+    pub platform: Platform,
+    /// This device's sync cursor as last stored (None: never synced).
+    pub cursor: Option<u64>,
+}
+
+/// Why a connection is closing.
+#[derive(Clone, Debug)]
+pub enum Closing {
+    /// Send a KICK push with this reason, then close.
+    Kick(KickReason, &'static str),
+    /// An error frame (command 0, seq 0) is already queued; close after it.
+    FrameError,
+}
+
+/// The part of a connection other tasks of its shard touch: its outbound buffer, its
+/// wakeup, its session and its closing state.
+pub struct ConnShared {
+    pub id: ConnId,
+    pub peer: SocketAddr,
+    out: RefCell<BytesMut>,
+    wake: Notify,
+    pub session: RefCell<Option<Session>>,
+    closing: RefCell<Option<Closing>>,
+    /// Set once a LOGIN succeeded on this connection (for login_timeout).
+    logged_in_once: Cell<bool>,
+}
+
+impl ConnShared {
+    /// Appends an encoded frame unless the connection is closing; closes it as a slow
+    /// consumer when the outbound bound would be passed.
+    pub fn push(&self, frame: &[u8], bound: usize) {
+        if self.closing.borrow().is_some() {
+            return;
+        }
+        let mut out = self.out.borrow_mut();
+        if out.len() + frame.len() > bound {
+            drop(out);
+            self.kick(KickReason::SlowConsumer, "outbound buffer full: reconnect and sync");
+            return;
+        }
+        let was_empty = out.is_empty();
+        out.extend_from_slice(frame);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Appends a response frame; responses are never refused (they are bounded by the
+    /// in-flight limit) but a closing connection drops them.
+    fn push_response(&self, frame: &[u8]) {
+        self.out.borrow_mut().extend_from_slice(frame);
+    }
+
+    /// Starts closing with a KICK push (the first reason wins).
+    pub fn kick(&self, reason: KickReason, why: &'static str) {
+        let mut c = self.closing.borrow_mut();
+        if c.is_none() {
+            *c = Some(Closing::Kick(reason, why));
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn session(&self) -> Option<Session> {
+        self.session.borrow().clone()
+    }
+
+    pub fn user(&self) -> Option<UserId> {
+        self.session.borrow().as_ref().map(|s| s.user)
+    }
+
+    pub fn set_cursor(&self, pts: u64) {
+        if let Some(s) = self.session.borrow_mut().as_mut() {
+            s.cursor = Some(s.cursor.unwrap_or(0).max(pts));
+        }
+    }
+
+    pub fn mark_logged_in(&self) {
+        self.logged_in_once.set(true);
+    }
+
+    pub fn session_ref(&self, ctx: &ShardCtx) -> Option<SessionRef> {
+        self.session.borrow().as_ref().map(|s| SessionRef {
+            shard: ctx.id,
+            conn: self.id,
+            platform: s.platform,
+            device_id: s.device_id.clone(),
+        })
+    }
+}
+
+/// Gives back what a connection held, however its task ends.
+struct Guard {
+    ctx: Rc<ShardCtx>,
+    conn: Rc<ConnShared>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(s) = self.conn.session.borrow_mut().take() {
+            self.ctx.shared.dir.unregister(s.user, self.ctx.id, self.conn.id);
+        }
+        self.ctx.conns.borrow_mut().remove(&self.conn.id);
+        self.ctx.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        self.ctx.shared.shards[self.ctx.id.0].load.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type Reply = Pin<Box<dyn Future<Output = (Bytes, bool)>>>;
+
+/// Takes a socket handed to this shard and starts its task.
+pub fn spawn(ctx: Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
+    let id = ctx.shared.next_conn_id();
+    let conn = Rc::new(ConnShared {
+        id,
+        peer,
+        out: RefCell::new(BytesMut::new()),
+        wake: Notify::new(),
+        session: RefCell::new(None),
+        closing: RefCell::new(None),
+        logged_in_once: Cell::new(false),
+    });
+    ctx.conns.borrow_mut().insert(id, conn.clone());
+    let guard = Guard { ctx: ctx.clone(), conn: conn.clone() };
+    tokio::task::spawn_local(async move {
+        let stream = match stream.set_nonblocking(true).and_then(|_| TcpStream::from_std(stream)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a connection");
+                drop(guard);
+                return;
+            }
+        };
+        run(guard, stream).await;
+    });
+}
+
+fn error_frame(command: u16, seq: u32, code: ErrorCode, message: &str) -> Bytes {
+    let body = mychat_proto::Error { code: code as u32, message: message.to_string() }.encode_to_vec();
+    mychat_codec::frame_bytes(Header::error(command, seq), &body)
+}
+
+async fn run(guard: Guard, stream: TcpStream) {
+    let ctx = guard.ctx.clone();
+    let conn = guard.conn.clone();
+    let cfg = &ctx.shared.cfg.server;
+    let max_inflight = cfg.max_inflight_per_conn;
+    let login_deadline = Instant::now() + Duration::from_millis(cfg.login_timeout_ms);
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let mut last_frame = Instant::now();
+    let mut codec = FrameCodec::new(cfg.max_frame_len);
+    let mut rbuf = BytesMut::new();
+    let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
+    // A LOGIN or LOGOUT in flight: nothing else starts until it is answered.
+    let mut barrier = false;
+    let mut eof = false;
+    let timer = tokio::time::sleep_until(login_deadline.min(last_frame + idle));
+    tokio::pin!(timer);
+
+    loop {
+        // 1. Start requests from what is buffered.
+        while conn.closing.borrow().is_none() && !barrier && inflight.len() < max_inflight {
+            match codec.decode(&mut rbuf) {
+                Ok(Some(frame)) => {
+                    last_frame = Instant::now();
+                    let is_barrier = matches!(Command::from_id(frame.header.command), Some(Command::Login | Command::Logout))
+                        && frame.header.flags == 0;
+                    if is_barrier && !inflight.is_empty() {
+                        // Wait for the others; put the frame back in front.
+                        let mut again = BytesMut::new();
+                        mychat_codec::encode_frame(frame.header, &frame.body, &mut again);
+                        again.extend_from_slice(&rbuf);
+                        rbuf = again;
+                        break;
+                    }
+                    barrier = is_barrier;
+                    inflight.push(Box::pin(router::dispatch(ctx.clone(), conn.clone(), frame)));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let (code, msg) = match &e {
+                        FrameError::TooLarge { .. } => (ErrorCode::FrameTooLarge, e.to_string()),
+                        _ => (ErrorCode::BadFrame, e.to_string()),
+                    };
+                    conn.push_response(&error_frame(0, 0, code, &msg));
+                    *conn.closing.borrow_mut() = Some(Closing::FrameError);
+                    rbuf = BytesMut::new();
+                    break;
+                }
+            }
+        }
+        if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
+            rbuf = BytesMut::new();
+        }
+
+        // 2. Closing and nothing in flight: say goodbye and go.
+        let closing = conn.closing.borrow().clone();
+        if (closing.is_some() || eof) && inflight.is_empty() {
+            if let Some(Closing::Kick(reason, why)) = closing {
+                let body = KickPush { reason: reason as i32, message: why.to_string() }.encode_to_vec();
+                let frame = mychat_codec::frame_bytes(Header::push(Command::Kick.id()), &body);
+                if reason == KickReason::SlowConsumer {
+                    // Whatever it has not read is dropped: the kick goes alone.
+                    conn.out.borrow_mut().clear();
+                }
+                conn.push_response(&frame);
+            }
+            if !eof {
+                let _ = tokio::time::timeout(Duration::from_secs(2), flush_all(&stream, &conn)).await;
+            }
+            return;
+        }
+        if eof && closing.is_none() {
+            // The peer is gone: answers cannot be delivered; in-flight writes still
+            // complete in the store. Wait for them so nothing is cut mid-way.
+            while inflight.next().await.is_some() {}
+            return;
+        }
+
+        // 3. Write what is pending.
+        if !write_some(&stream, &conn) {
+            return;
+        }
+
+        // 4. Wait for something to do.
+        let want_read = !eof
+            && closing.is_none()
+            && !barrier
+            && inflight.len() < max_inflight
+            && conn.out.borrow().len() < ctx.shared.cfg.server.outbound_buffer_bytes;
+        let want_write = !conn.out.borrow().is_empty();
+        let interest = match (want_read, want_write) {
+            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::WRITABLE),
+            (false, false) => None,
+        };
+        let logged_in = conn.logged_in_once.get();
+        let next = if logged_in { last_frame + idle } else { login_deadline.min(last_frame + idle) };
+        if timer.deadline() != next {
+            timer.as_mut().reset(next);
+        }
+        tokio::select! {
+            biased;
+            Some((frame, was_barrier)) = inflight.next(), if !inflight.is_empty() => {
+                conn.push_response(&frame);
+                if was_barrier {
+                    barrier = false;
+                }
+            }
+            r = async { stream.ready(interest.unwrap()).await }, if interest.is_some() => {
+                match r {
+                    Ok(ready) => {
+                        if ready.is_readable() && want_read {
+                            if rbuf.capacity() - rbuf.len() < 4096 {
+                                rbuf.reserve(8192);
+                            }
+                            match stream.try_read_buf(&mut rbuf) {
+                                Ok(0) => eof = true,
+                                Ok(_) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                Err(_) => eof = true,
+                            }
+                        }
+                    }
+                    Err(_) => eof = true,
+                }
+            }
+            _ = conn.wake.notified() => {}
+            _ = &mut timer => {
+                let now = Instant::now();
+                if !conn.logged_in_once.get() && now >= login_deadline {
+                    conn.kick(KickReason::LoginTimeout, "no login within login_timeout");
+                } else if now >= last_frame + idle {
+                    conn.kick(KickReason::IdleTimeout, "nothing received within idle_timeout");
+                }
+            }
+        }
+    }
+}
+
+/// Writes as much of the outbound buffer as the socket takes now. False: the socket
+/// failed.
+fn write_some(stream: &TcpStream, conn: &ConnShared) -> bool {
+    let mut out = conn.out.borrow_mut();
+    while !out.is_empty() {
+        match stream.try_write(&out) {
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return false,
+        }
+    }
+    if out.is_empty() && out.capacity() > 256 * 1024 {
+        *out = BytesMut::new();
+    }
+    true
+}
+
+async fn flush_all(stream: &TcpStream, conn: &ConnShared) {
+    loop {
+        if !write_some(stream, conn) || conn.out.borrow().is_empty() {
+            return;
+        }
+        if stream.writable().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Starting and stopping a server: the shared state, the acceptor thread and the shard
+//! threads.
+//!
+//! Threads: `mychat-acceptor` (accepts, places each socket on the least-loaded shard),
+//! `mychat-shard-N` (each a current-thread tokio runtime owning its connections), and
+//! the store's own threads. Shutdown: stop accepting → every shard kicks its clients
+//! (SERVER_SHUTDOWN) after their in-flight requests finish → shards exit (or are
+//! abandoned at the deadline) → the store commits what is queued and checkpoints.
+
+use crate::auth::{PasswordHasherCfg, Throttle, TokenKey};
+use crate::directory::Directory;
+use crate::ids::{ConnId, ShardId};
+use crate::shard::{self, ShardMsg};
+use crate::store::{sqlite::SqliteStore, Store};
+use mychat_config::Config;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// State shared by every thread of one server.
+pub struct Shared {
+    pub cfg: Config,
+    pub store: Arc<dyn Store>,
+    pub dir: Directory,
+    pub shards: Vec<ShardHandle>,
+    pub tokens: TokenKey,
+    pub hasher: PasswordHasherCfg,
+    /// A valid hash of nothing anyone knows: verified against when a login names an
+    /// unknown user, so that case costs as much as a wrong password.
+    pub dummy_hash: String,
+    pub login_failures: Throttle,
+    pub registrations: Throttle,
+    /// Connections open now (all shards).
+    pub connections: AtomicUsize,
+    next_conn: AtomicU64,
+    pub shutting_down: AtomicBool,
+}
+
+impl Shared {
+    pub fn next_conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Another thread's view of a shard: its inbox and how many connections it holds.
+pub struct ShardHandle {
+    pub tx: mpsc::Sender<ShardMsg>,
+    pub load: AtomicUsize,
+}
+
+/// A running server. Dropping it does not stop it: call [`ServerHandle::shutdown`].
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop_accept: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Graceful stop, within `server.shutdown_deadline_ms`. Safe to call from inside
+    /// or outside a tokio runtime.
+    pub async fn shutdown(self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            self.shutdown_blocking();
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+    }
+
+    /// Graceful stop from a thread that is not a runtime's.
+    pub fn shutdown_blocking(self) {
+        let deadline = std::time::Instant::now() + Duration::from_millis(self.shared.cfg.server.shutdown_deadline_ms);
+        self.shared.shutting_down.store(true, Ordering::Release);
+        let _ = self.stop_accept.send(true);
+        for s in &self.shared.shards {
+            // blocking_send: we are on a plain thread; the shard drains its inbox.
+            let _ = s.tx.blocking_send(ShardMsg::Shutdown);
+        }
+        for t in self.threads {
+            // Shards bound their own wait by the deadline.
+            let _ = t.join();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let store = self.shared.store.clone();
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
+        let flushed = rt.block_on(async { tokio::time::timeout(left, store.shutdown()).await });
+        match flushed {
+            Ok(Ok(())) => tracing::info!("store flushed; stopped"),
+            Ok(Err(e)) => tracing::error!(error = %e, "store shutdown failed"),
+            Err(_) => tracing::error!("store flush passed the shutdown deadline"),
+        }
+    }
+}
+
+/// Opens the store, binds the listener and starts every thread.
+pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
+    let data_dir = cfg.server.data_dir.clone();
+    let store: Arc<dyn Store> = match cfg.store.backend {
+        mychat_config::Backend::Embedded => SqliteStore::open(&data_dir, &cfg.store)
+            .map_err(|e| anyhow::anyhow!("opening the store in {}: {e}", data_dir.display()))?,
+    };
+    let tokens = TokenKey::load(&cfg.auth.token_key, &data_dir)?;
+    let hasher = PasswordHasherCfg::new(&cfg.auth)?;
+    let dummy_hash = hasher.hash("mychat-dummy-password-never-valid").map_err(|e| anyhow::anyhow!(e))?;
+    let listener = std::net::TcpListener::bind(cfg.server.listen)
+        .map_err(|e| anyhow::anyhow!("server.listen: cannot bind {}: {e}", cfg.server.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let n = cfg.shard_count();
+    let mut inboxes = Vec::with_capacity(n);
+    let mut handles = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = mpsc::channel(cfg.server.shard_queue_depth);
+        handles.push(ShardHandle { tx, load: AtomicUsize::new(0) });
+        inboxes.push(rx);
+    }
+    let window = Duration::from_secs(cfg.auth.failed_login_window_secs);
+    let shared = Arc::new(Shared {
+        dir: Directory::new(cfg.auth.multi_device, cfg.auth.max_sessions_per_user),
+        store,
+        shards: handles,
+        tokens,
+        hasher,
+        dummy_hash,
+        login_failures: Throttle::new(window, 100_000),
+        registrations: Throttle::new(Duration::from_secs(60), 100_000),
+        connections: AtomicUsize::new(0),
+        next_conn: AtomicU64::new(1),
+        shutting_down: AtomicBool::new(false),
+        cfg,
+    });
+    let mut threads = Vec::with_capacity(n + 1);
+    for (i, rx) in inboxes.into_iter().enumerate() {
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("mychat-shard-{i}"))
+                .spawn(move || shard::run(ShardId(i), sh, rx))?,
+        );
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sh = shared.clone();
+    threads.push(std::thread::Builder::new().name("mychat-acceptor".into()).spawn(move || accept_loop(sh, listener, stop_rx))?);
+    tracing::info!(%addr, shards = n, "mychat listening");
+    Ok(ServerHandle { addr, shared, stop_accept: stop_tx, threads })
+}
+
+/// Accepts connections and hands each to the shard holding the fewest.
+fn accept_loop(shared: Arc<Shared>, listener: std::net::TcpListener, mut stop: watch::Receiver<bool>) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("acceptor runtime");
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "acceptor: cannot register the listener");
+                return;
+            }
+        };
+        let max = shared.cfg.server.max_connections;
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.changed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            if shared.connections.load(Ordering::Acquire) >= max {
+                refuse(stream, "too many connections").await;
+                continue;
+            }
+            shared.connections.fetch_add(1, Ordering::AcqRel);
+            let target = shared
+                .shards
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.load.load(Ordering::Relaxed))
+                .map(|(i, _)| i)
+                .unwrap_or(0);
+            shared.shards[target].load.fetch_add(1, Ordering::Relaxed);
+            let std_stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(_) => {
+                    shared.connections.fetch_sub(1, Ordering::AcqRel);
+                    shared.shards[target].load.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            if shared.shards[target].tx.send(ShardMsg::NewConn(std_stream, peer)).await.is_err() {
+                shared.connections.fetch_sub(1, Ordering::AcqRel);
+                shared.shards[target].load.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    });
+}
+
+/// Best effort: an UNAVAILABLE error frame (command 0, seq 0), then close.
+async fn refuse(stream: tokio::net::TcpStream, why: &str) {
+    use prost::Message as _;
+    let body = mychat_proto::Error { code: mychat_proto::ErrorCode::Unavailable as u32, message: why.into() }.encode_to_vec();
+    let frame = mychat_codec::frame_bytes(mychat_codec::Header::error(0, 0), &body);
+    let _ = stream.try_write(&frame);
+}

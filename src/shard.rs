@@ -1,0 +1,176 @@
+//! A shard: one thread, one current-thread runtime, and the connections it owns.
+//!
+//! Invariants:
+//! - a connection is touched only by its shard's thread (`Rc`, `RefCell`, no locks);
+//! - other threads reach a shard only through its bounded inbox ([`ShardMsg`]); a full
+//!   inbox makes the sender wait (back-pressure), it never grows;
+//! - deliveries to other shards are gathered in a per-destination outbox during one
+//!   turn of the event loop and sent as one batch per destination shard.
+
+use crate::conn::{self, ConnShared};
+use crate::directory::SessionRef;
+use crate::ids::{ConnId, ShardId, UserId};
+use crate::server::Shared;
+use bytes::Bytes;
+use mychat_proto::KickReason;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+
+/// What other threads send a shard.
+pub enum ShardMsg {
+    /// A freshly accepted socket placed on this shard.
+    NewConn(std::net::TcpStream, std::net::SocketAddr),
+    /// Encoded frames for connections of this shard.
+    Deliver(Vec<(ConnId, Bytes)>),
+    /// Close a connection with a KICK push.
+    Kick(ConnId, KickReason, &'static str),
+    /// Stop: kick every client once its in-flight requests are answered, then exit.
+    Shutdown,
+}
+
+/// A shard's own state, shared by its tasks (never across threads).
+pub struct ShardCtx {
+    pub id: ShardId,
+    pub shared: Arc<Shared>,
+    pub conns: RefCell<HashMap<ConnId, Rc<ConnShared>>>,
+    outbox: RefCell<Vec<Vec<(ConnId, Bytes)>>>,
+    outbox_ready: Notify,
+    pub shutting_down: Cell<bool>,
+}
+
+impl ShardCtx {
+    /// Queues `frame` for every live session of `user`, except the connection `skip`.
+    pub fn deliver_to_user(&self, user: UserId, frame: &Bytes, skip: Option<ConnId>) {
+        let mut remote = false;
+        self.shared.dir.with_sessions(user, |sessions| {
+            for s in sessions {
+                if Some(s.conn) == skip && s.shard == self.id {
+                    continue;
+                }
+                if s.shard == self.id {
+                    self.push_local(s.conn, frame.clone());
+                } else {
+                    self.outbox.borrow_mut()[s.shard.0].push((s.conn, frame.clone()));
+                    remote = true;
+                }
+            }
+        });
+        if remote {
+            self.outbox_ready.notify_one();
+        }
+    }
+
+    /// Appends a frame to a local connection's outbound buffer.
+    pub fn push_local(&self, conn: ConnId, frame: Bytes) {
+        let c = self.conns.borrow().get(&conn).cloned();
+        if let Some(c) = c {
+            c.push(&frame, self.shared.cfg.server.outbound_buffer_bytes);
+        }
+    }
+
+    /// Kicks a session wherever it lives.
+    pub async fn kick(&self, s: &SessionRef, reason: KickReason, why: &'static str) {
+        if s.shard == self.id {
+            if let Some(c) = self.conns.borrow().get(&s.conn) {
+                c.kick(reason, why);
+            }
+        } else {
+            let _ = self.shared.shards[s.shard.0].tx.send(ShardMsg::Kick(s.conn, reason, why)).await;
+        }
+    }
+}
+
+/// Sends the gathered cross-shard deliveries, one batch per destination, once per
+/// event-loop turn.
+async fn flush_outbox(ctx: Rc<ShardCtx>) {
+    loop {
+        ctx.outbox_ready.notified().await;
+        // Let the other tasks of this turn add to the batches first.
+        tokio::task::yield_now().await;
+        let batches: Vec<Vec<(ConnId, Bytes)>> = {
+            let mut ob = ctx.outbox.borrow_mut();
+            ob.iter_mut().map(std::mem::take).collect()
+        };
+        for (dest, items) in batches.into_iter().enumerate() {
+            if !items.is_empty() {
+                let _ = ctx.shared.shards[dest].tx.send(ShardMsg::Deliver(items)).await;
+            }
+        }
+    }
+}
+
+/// The shard thread's body.
+pub fn run(id: ShardId, shared: Arc<Shared>, mut rx: mpsc::Receiver<ShardMsg>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(shared.cfg.server.blocking_threads)
+        .thread_name(format!("mychat-shard-{}-blocking", id.0))
+        .build()
+        .expect("shard runtime");
+    let local = tokio::task::LocalSet::new();
+    let n = shared.shards.len();
+    let ctx = Rc::new(ShardCtx {
+        id,
+        shared,
+        conns: RefCell::new(HashMap::new()),
+        outbox: RefCell::new(vec![Vec::new(); n]),
+        outbox_ready: Notify::new(),
+        shutting_down: Cell::new(false),
+    });
+    local.block_on(&rt, async move {
+        tokio::task::spawn_local(flush_outbox(ctx.clone()));
+        let mut buf = Vec::with_capacity(256);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let got = tokio::select! {
+                n = rx.recv_many(&mut buf, 256) => n,
+                _ = tokio::time::sleep(Duration::from_millis(20)), if deadline.is_some() => 0,
+            };
+            if got == 0 && deadline.is_none() {
+                return; // every sender is gone
+            }
+            for msg in buf.drain(..) {
+                match msg {
+                    ShardMsg::NewConn(stream, peer) => {
+                        if ctx.shutting_down.get() {
+                            ctx.shared.connections.fetch_sub(1, Ordering::AcqRel);
+                            ctx.shared.shards[id.0].load.fetch_sub(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        conn::spawn(ctx.clone(), stream, peer);
+                    }
+                    ShardMsg::Deliver(items) => {
+                        for (c, frame) in items {
+                            ctx.push_local(c, frame);
+                        }
+                    }
+                    ShardMsg::Kick(c, reason, why) => {
+                        if let Some(c) = ctx.conns.borrow().get(&c) {
+                            c.kick(reason, why);
+                        }
+                    }
+                    ShardMsg::Shutdown => {
+                        ctx.shutting_down.set(true);
+                        deadline = Some(Instant::now() + Duration::from_millis(ctx.shared.cfg.server.shutdown_deadline_ms));
+                        for c in ctx.conns.borrow().values() {
+                            c.kick(KickReason::ServerShutdown, "the server is shutting down");
+                        }
+                    }
+                }
+            }
+            if let Some(d) = deadline {
+                if ctx.conns.borrow().is_empty() || Instant::now() >= d {
+                    if !ctx.conns.borrow().is_empty() {
+                        tracing::warn!(shard = id.0, left = ctx.conns.borrow().len(), "shutdown deadline reached with connections open");
+                    }
+                    return;
+                }
+            }
+        }
+    });
+}
