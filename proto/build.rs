@@ -1,7 +1,11 @@
 //! Compiles `proto/*.proto` with protox (a pure-Rust protobuf compiler), so building
 //! needs nothing but cargo: no system protoc.
 fn main() {
-    let files = ["proto/system.proto", "proto/auth.proto", "proto/message.proto"];
+    let files = [
+        "proto/system.proto",
+        "proto/auth.proto",
+        "proto/message.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -33,8 +33,13 @@ pub struct PasswordHasherCfg {
 
 impl PasswordHasherCfg {
     pub fn new(cfg: &mychat_config::AuthConfig) -> anyhow::Result<PasswordHasherCfg> {
-        let params = Params::new(cfg.argon2_m_cost_kib, cfg.argon2_t_cost, cfg.argon2_p_cost, None)
-            .map_err(|e| anyhow::anyhow!("auth.argon2_*: {e}"))?;
+        let params = Params::new(
+            cfg.argon2_m_cost_kib,
+            cfg.argon2_t_cost,
+            cfg.argon2_p_cost,
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!("auth.argon2_*: {e}"))?;
         Ok(PasswordHasherCfg { params })
     }
 
@@ -47,14 +52,20 @@ impl PasswordHasherCfg {
         let mut salt = [0u8; 16];
         rand::rng().fill_bytes(&mut salt);
         let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
-        self.argon().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
+        self.argon()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| e.to_string())
     }
 
     /// Whether `password` matches the PHC string (its own parameters are used).
     /// CPU-heavy: call from a blocking pool.
     pub fn verify(&self, password: &str, phc: &str) -> bool {
         match PasswordHash::new(phc) {
-            Ok(h) => self.argon().verify_password(password.as_bytes(), &h).is_ok(),
+            Ok(h) => self
+                .argon()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok(),
             Err(_) => false,
         }
     }
@@ -84,13 +95,17 @@ impl TokenKey {
     /// there once with mode 0600.
     pub fn load(hex_key: &str, data_dir: &Path) -> anyhow::Result<TokenKey> {
         if !hex_key.is_empty() {
-            return Ok(TokenKey { key: from_hex(hex_key).ok_or_else(|| anyhow::anyhow!("auth.token_key: not hex"))? });
+            return Ok(TokenKey {
+                key: from_hex(hex_key).ok_or_else(|| anyhow::anyhow!("auth.token_key: not hex"))?,
+            });
         }
         let path = data_dir.join("token.key");
         match std::fs::read_to_string(&path) {
             Ok(s) => {
                 let key = from_hex(s.trim()).filter(|k| k.len() >= 32);
-                key.map(|key| TokenKey { key }).ok_or_else(|| anyhow::anyhow!("{} is not a hex key of 32+ bytes", path.display()))
+                key.map(|key| TokenKey { key }).ok_or_else(|| {
+                    anyhow::anyhow!("{} is not a hex key of 32+ bytes", path.display())
+                })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(data_dir)?;
@@ -99,7 +114,11 @@ impl TokenKey {
                 let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)?;
                 f.write_all(hex.as_bytes())?;
                 f.sync_all()?;
                 Ok(TokenKey { key })
@@ -141,11 +160,17 @@ impl TokenKey {
         let u = u64::from_be_bytes(payload[0..8].try_into().unwrap());
         let epoch = u64::from_be_bytes(payload[8..16].try_into().unwrap());
         let expires_ms = i64::from_be_bytes(payload[16..24].try_into().unwrap());
-        let device_id = String::from_utf8(payload[24..].to_vec()).map_err(|_| TokenError::Invalid)?;
+        let device_id =
+            String::from_utf8(payload[24..].to_vec()).map_err(|_| TokenError::Invalid)?;
         if expires_ms <= now_ms {
             return Err(TokenError::Expired);
         }
-        Ok(AccessClaims { user: UserId(u), epoch, expires_ms, device_id })
+        Ok(AccessClaims {
+            user: UserId(u),
+            epoch,
+            expires_ms,
+            device_id,
+        })
     }
 }
 
@@ -153,7 +178,10 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// A new refresh token and the SHA-256 that is stored for it.
@@ -180,7 +208,11 @@ pub struct Throttle {
 
 impl Throttle {
     pub fn new(window: Duration, max_keys: usize) -> Throttle {
-        Throttle { window, max_keys, map: Mutex::new(HashMap::new()) }
+        Throttle {
+            window,
+            max_keys,
+            map: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Whether `key` is at or past `limit` failures in the current window.
@@ -222,13 +254,21 @@ mod tests {
     #[test]
     fn access_token_round_trip_and_tamper() {
         let k = TokenKey { key: vec![7; 32] };
-        let c = AccessClaims { user: UserId(42), epoch: 3, expires_ms: 2_000, device_id: "dev-1".into() };
+        let c = AccessClaims {
+            user: UserId(42),
+            epoch: 3,
+            expires_ms: 2_000,
+            device_id: "dev-1".into(),
+        };
         let t = k.sign(&c);
         assert_eq!(k.verify(&t, 1_000), Ok(c.clone()));
         assert_eq!(k.verify(&t, 2_000), Err(TokenError::Expired));
         let mut bad = t.clone().into_bytes();
         bad[3] ^= 1;
-        assert_eq!(k.verify(std::str::from_utf8(&bad).unwrap(), 1_000), Err(TokenError::Invalid));
+        assert_eq!(
+            k.verify(std::str::from_utf8(&bad).unwrap(), 1_000),
+            Err(TokenError::Invalid)
+        );
         let other = TokenKey { key: vec![8; 32] };
         assert_eq!(other.verify(&t, 1_000), Err(TokenError::Invalid));
         assert_eq!(k.verify("garbage", 1_000), Err(TokenError::Invalid));
@@ -239,7 +279,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let a = TokenKey::load("", dir.path()).unwrap();
-        let mode = std::fs::metadata(dir.path().join("token.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("token.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let b = TokenKey::load("", dir.path()).unwrap();
         assert_eq!(a.key, b.key);
@@ -247,7 +290,11 @@ mod tests {
 
     #[test]
     fn password_hash_verifies() {
-        let cfg = mychat_config::AuthConfig { argon2_m_cost_kib: 64, argon2_t_cost: 1, ..Default::default() };
+        let cfg = mychat_config::AuthConfig {
+            argon2_m_cost_kib: 64,
+            argon2_t_cost: 1,
+            ..Default::default()
+        };
         let h = PasswordHasherCfg::new(&cfg).unwrap();
         let phc = h.hash("correct horse").unwrap();
         assert!(phc.starts_with("$argon2id$"));

@@ -79,7 +79,10 @@ impl ConnShared {
         let mut out = self.out.borrow_mut();
         if out.len() + frame.len() > bound {
             drop(out);
-            self.kick(KickReason::SlowConsumer, "outbound buffer full: reconnect and sync");
+            self.kick(
+                KickReason::SlowConsumer,
+                "outbound buffer full: reconnect and sync",
+            );
             return;
         }
         let was_empty = out.is_empty();
@@ -141,11 +144,16 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(s) = self.conn.session.borrow_mut().take() {
-            self.ctx.shared.dir.unregister(s.user, self.ctx.id, self.conn.id);
+            self.ctx
+                .shared
+                .dir
+                .unregister(s.user, self.ctx.id, self.conn.id);
         }
         self.ctx.conns.borrow_mut().remove(&self.conn.id);
         self.ctx.shared.connections.fetch_sub(1, Ordering::AcqRel);
-        self.ctx.shared.shards[self.ctx.id.0].load.fetch_sub(1, Ordering::Relaxed);
+        self.ctx.shared.shards[self.ctx.id.0]
+            .load
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -164,9 +172,15 @@ pub fn spawn(ctx: Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
         logged_in_once: Cell::new(false),
     });
     ctx.conns.borrow_mut().insert(id, conn.clone());
-    let guard = Guard { ctx: ctx.clone(), conn: conn.clone() };
+    let guard = Guard {
+        ctx: ctx.clone(),
+        conn: conn.clone(),
+    };
     tokio::task::spawn_local(async move {
-        let stream = match stream.set_nonblocking(true).and_then(|_| TcpStream::from_std(stream)) {
+        let stream = match stream
+            .set_nonblocking(true)
+            .and_then(|_| TcpStream::from_std(stream))
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot register a connection");
@@ -179,7 +193,11 @@ pub fn spawn(ctx: Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
 }
 
 fn error_frame(command: u16, seq: u32, code: ErrorCode, message: &str) -> Bytes {
-    let body = mychat_proto::Error { code: code as u32, message: message.to_string() }.encode_to_vec();
+    let body = mychat_proto::Error {
+        code: code as u32,
+        message: message.to_string(),
+    }
+    .encode_to_vec();
     mychat_codec::frame_bytes(Header::error(command, seq), &body)
 }
 
@@ -206,8 +224,10 @@ async fn run(guard: Guard, stream: TcpStream) {
             match codec.decode(&mut rbuf) {
                 Ok(Some(frame)) => {
                     last_frame = Instant::now();
-                    let is_barrier = matches!(Command::from_id(frame.header.command), Some(Command::Login | Command::Logout))
-                        && frame.header.flags == 0;
+                    let is_barrier = matches!(
+                        Command::from_id(frame.header.command),
+                        Some(Command::Login | Command::Logout)
+                    ) && frame.header.flags == 0;
                     if is_barrier && !inflight.is_empty() {
                         // Wait for the others; put the frame back in front.
                         let mut again = BytesMut::new();
@@ -240,7 +260,11 @@ async fn run(guard: Guard, stream: TcpStream) {
         let closing = conn.closing.borrow().clone();
         if (closing.is_some() || eof) && inflight.is_empty() {
             if let Some(Closing::Kick(reason, why)) = closing {
-                let body = KickPush { reason: reason as i32, message: why.to_string() }.encode_to_vec();
+                let body = KickPush {
+                    reason: reason as i32,
+                    message: why.to_string(),
+                }
+                .encode_to_vec();
                 let frame = mychat_codec::frame_bytes(Header::push(Command::Kick.id()), &body);
                 if reason == KickReason::SlowConsumer {
                     // Whatever it has not read is dropped: the kick goes alone.
@@ -249,7 +273,8 @@ async fn run(guard: Guard, stream: TcpStream) {
                 conn.push_response(&frame);
             }
             if !eof {
-                let _ = tokio::time::timeout(Duration::from_secs(2), flush_all(&stream, &conn)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), flush_all(&stream, &conn)).await;
             }
             return;
         }
@@ -279,7 +304,11 @@ async fn run(guard: Guard, stream: TcpStream) {
             (false, false) => None,
         };
         let logged_in = conn.logged_in_once.get();
-        let next = if logged_in { last_frame + idle } else { login_deadline.min(last_frame + idle) };
+        let next = if logged_in {
+            last_frame + idle
+        } else {
+            login_deadline.min(last_frame + idle)
+        };
         if timer.deadline() != next {
             timer.as_mut().reset(next);
         }

@@ -34,7 +34,11 @@ pub struct Directory {
 
 impl Directory {
     pub fn new(policy: MultiDevice, max_sessions: usize) -> Directory {
-        Directory { stripes: (0..STRIPES).map(|_| RwLock::new(HashMap::new())).collect(), policy, max_sessions }
+        Directory {
+            stripes: (0..STRIPES).map(|_| RwLock::new(HashMap::new())).collect(),
+            policy,
+            max_sessions,
+        }
     }
 
     fn stripe(&self, user: UserId) -> &RwLock<HashMap<UserId, Vec<SessionRef>>> {
@@ -86,7 +90,10 @@ impl Directory {
     }
 
     pub fn session_count(&self) -> usize {
-        self.stripes.iter().map(|s| s.read().values().map(Vec::len).sum::<usize>()).sum()
+        self.stripes
+            .iter()
+            .map(|s| s.read().values().map(Vec::len).sum::<usize>())
+            .sum()
     }
 }
 
@@ -95,7 +102,12 @@ mod tests {
     use super::*;
 
     fn s(shard: usize, conn: u64, p: Platform, dev: &str) -> SessionRef {
-        SessionRef { shard: ShardId(shard), conn: ConnId(conn), platform: p, device_id: dev.into() }
+        SessionRef {
+            shard: ShardId(shard),
+            conn: ConnId(conn),
+            platform: p,
+            device_id: dev.into(),
+        }
     }
 
     #[test]
@@ -119,10 +131,15 @@ mod tests {
     fn single_and_multi() {
         let d = Directory::new(MultiDevice::Single, 8);
         d.register(UserId(1), s(0, 1, Platform::Desktop, "a"));
-        assert_eq!(d.register(UserId(1), s(0, 2, Platform::Mobile, "b")).len(), 1);
+        assert_eq!(
+            d.register(UserId(1), s(0, 2, Platform::Mobile, "b")).len(),
+            1
+        );
         let d = Directory::new(MultiDevice::Multi, 2);
         d.register(UserId(1), s(0, 1, Platform::Desktop, "a"));
-        assert!(d.register(UserId(1), s(0, 2, Platform::Desktop, "b")).is_empty());
+        assert!(d
+            .register(UserId(1), s(0, 2, Platform::Desktop, "b"))
+            .is_empty());
         let k = d.register(UserId(1), s(0, 3, Platform::Desktop, "c"));
         assert_eq!(k, vec![s(0, 1, Platform::Desktop, "a")]);
         // same device re-login displaces even under multi

@@ -18,10 +18,16 @@ use std::rc::Rc;
 /// Serves one request; returns its encoded response frame and whether it was a
 /// LOGIN/LOGOUT (which the connection runs alone).
 pub async fn dispatch(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, frame: Frame) -> (Bytes, bool) {
-    let Header { flags: f, command, seq } = frame.header;
+    let Header {
+        flags: f,
+        command,
+        seq,
+    } = frame.header;
     let cmd = Command::from_id(command);
     let barrier = f == 0 && matches!(cmd, Some(Command::Login | Command::Logout));
-    let result = AssertUnwindSafe(route(ctx, conn.clone(), f, cmd, frame.body)).catch_unwind().await;
+    let result = AssertUnwindSafe(route(ctx, conn.clone(), f, cmd, frame.body))
+        .catch_unwind()
+        .await;
     let result = match result {
         Ok(r) => r,
         Err(panic) => {
@@ -40,14 +46,24 @@ pub async fn dispatch(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, frame: Frame) -> 
             if e.code == ErrorCode::Internal {
                 tracing::warn!(conn = conn.id.0, command, "answered INTERNAL");
             }
-            let body = mychat_proto::Error { code: e.code as u32, message: e.message }.encode_to_vec();
+            let body = mychat_proto::Error {
+                code: e.code as u32,
+                message: e.message,
+            }
+            .encode_to_vec();
             mychat_codec::frame_bytes(Header::error(command, seq), &body)
         }
     };
     (frame, barrier)
 }
 
-async fn route(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, f: u8, cmd: Option<Command>, body: Bytes) -> ApiResult<Bytes> {
+async fn route(
+    ctx: Rc<ShardCtx>,
+    conn: Rc<ConnShared>,
+    f: u8,
+    cmd: Option<Command>,
+    body: Bytes,
+) -> ApiResult<Bytes> {
     if f & (flags::RESPONSE | flags::PUSH | flags::ERROR) != 0 {
         return Err(ApiError::bad_request("a request carries flags 0"));
     }
@@ -56,7 +72,10 @@ async fn route(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, f: u8, cmd: Option<Comma
     };
     if !cmd.allowed_before_login() && conn.user().is_none() {
         // Push-only ids are unknown as requests whatever the state.
-        if !matches!(cmd, Command::Kick | Command::MessagePush | Command::ReceiptPush) {
+        if !matches!(
+            cmd,
+            Command::Kick | Command::MessagePush | Command::ReceiptPush
+        ) {
             return Err(ApiError::new(ErrorCode::Unauthenticated, "log in first"));
         }
     }
@@ -76,9 +95,9 @@ async fn route(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, f: u8, cmd: Option<Comma
         Command::SyncAck => messages::sync_ack(&ctx, &conn, body).await,
         Command::History => messages::history(&ctx, &conn, body).await,
         Command::Conversations => messages::conversations(&ctx, &conn, body).await,
-        Command::Kick | Command::MessagePush | Command::ReceiptPush | Command::Unspecified => {
-            Err(ApiError::new(ErrorCode::UnknownCommand, "push-only command"))
-        }
+        Command::Kick | Command::MessagePush | Command::ReceiptPush | Command::Unspecified => Err(
+            ApiError::new(ErrorCode::UnknownCommand, "push-only command"),
+        ),
     }
 }
 
@@ -93,5 +112,8 @@ pub fn encode<M: prost::Message>(m: &M) -> ApiResult<Bytes> {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

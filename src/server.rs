@@ -81,7 +81,8 @@ impl ServerHandle {
 
     /// Graceful stop from a thread that is not a runtime's.
     pub fn shutdown_blocking(self) {
-        let deadline = std::time::Instant::now() + Duration::from_millis(self.shared.cfg.server.shutdown_deadline_ms);
+        let deadline = std::time::Instant::now()
+            + Duration::from_millis(self.shared.cfg.server.shutdown_deadline_ms);
         self.shared.shutting_down.store(true, Ordering::Release);
         let _ = self.stop_accept.send(true);
         for s in &self.shared.shards {
@@ -92,9 +93,14 @@ impl ServerHandle {
             // Shards bound their own wait by the deadline.
             let _ = t.join();
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         let store = self.shared.store.clone();
-        let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
+        let left = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_secs(1));
         let flushed = rt.block_on(async { tokio::time::timeout(left, store.shutdown()).await });
         match flushed {
             Ok(Ok(())) => tracing::info!("store flushed; stopped"),
@@ -113,7 +119,9 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
     };
     let tokens = TokenKey::load(&cfg.auth.token_key, &data_dir)?;
     let hasher = PasswordHasherCfg::new(&cfg.auth)?;
-    let dummy_hash = hasher.hash("mychat-dummy-password-never-valid").map_err(|e| anyhow::anyhow!(e))?;
+    let dummy_hash = hasher
+        .hash("mychat-dummy-password-never-valid")
+        .map_err(|e| anyhow::anyhow!(e))?;
     let listener = std::net::TcpListener::bind(cfg.server.listen)
         .map_err(|e| anyhow::anyhow!("server.listen: cannot bind {}: {e}", cfg.server.listen))?;
     listener.set_nonblocking(true)?;
@@ -123,7 +131,10 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
     let mut handles = Vec::with_capacity(n);
     for _ in 0..n {
         let (tx, rx) = mpsc::channel(cfg.server.shard_queue_depth);
-        handles.push(ShardHandle { tx, load: AtomicUsize::new(0) });
+        handles.push(ShardHandle {
+            tx,
+            load: AtomicUsize::new(0),
+        });
         inboxes.push(rx);
     }
     let window = Duration::from_secs(cfg.auth.failed_login_window_secs);
@@ -152,14 +163,30 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let sh = shared.clone();
-    threads.push(std::thread::Builder::new().name("mychat-acceptor".into()).spawn(move || accept_loop(sh, listener, stop_rx))?);
+    threads.push(
+        std::thread::Builder::new()
+            .name("mychat-acceptor".into())
+            .spawn(move || accept_loop(sh, listener, stop_rx))?,
+    );
     tracing::info!(%addr, shards = n, "mychat listening");
-    Ok(ServerHandle { addr, shared, stop_accept: stop_tx, threads })
+    Ok(ServerHandle {
+        addr,
+        shared,
+        stop_accept: stop_tx,
+        threads,
+    })
 }
 
 /// Accepts connections and hands each to the shard holding the fewest.
-fn accept_loop(shared: Arc<Shared>, listener: std::net::TcpListener, mut stop: watch::Receiver<bool>) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("acceptor runtime");
+fn accept_loop(
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("acceptor runtime");
     rt.block_on(async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
@@ -205,7 +232,12 @@ fn accept_loop(shared: Arc<Shared>, listener: std::net::TcpListener, mut stop: w
                     continue;
                 }
             };
-            if shared.shards[target].tx.send(ShardMsg::NewConn(std_stream, peer)).await.is_err() {
+            if shared.shards[target]
+                .tx
+                .send(ShardMsg::NewConn(std_stream, peer))
+                .await
+                .is_err()
+            {
                 shared.connections.fetch_sub(1, Ordering::AcqRel);
                 shared.shards[target].load.fetch_sub(1, Ordering::Relaxed);
                 return;
@@ -217,7 +249,11 @@ fn accept_loop(shared: Arc<Shared>, listener: std::net::TcpListener, mut stop: w
 /// Best effort: an UNAVAILABLE error frame (command 0, seq 0), then close.
 async fn refuse(stream: tokio::net::TcpStream, why: &str) {
     use prost::Message as _;
-    let body = mychat_proto::Error { code: mychat_proto::ErrorCode::Unavailable as u32, message: why.into() }.encode_to_vec();
+    let body = mychat_proto::Error {
+        code: mychat_proto::ErrorCode::Unavailable as u32,
+        message: why.into(),
+    }
+    .encode_to_vec();
     let frame = mychat_codec::frame_bytes(mychat_codec::Header::error(0, 0), &body);
     let _ = stream.try_write(&frame);
 }

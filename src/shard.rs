@@ -80,7 +80,10 @@ impl ShardCtx {
                 c.kick(reason, why);
             }
         } else {
-            let _ = self.shared.shards[s.shard.0].tx.send(ShardMsg::Kick(s.conn, reason, why)).await;
+            let _ = self.shared.shards[s.shard.0]
+                .tx
+                .send(ShardMsg::Kick(s.conn, reason, why))
+                .await;
         }
     }
 }
@@ -98,7 +101,10 @@ async fn flush_outbox(ctx: Rc<ShardCtx>) {
         };
         for (dest, items) in batches.into_iter().enumerate() {
             if !items.is_empty() {
-                let _ = ctx.shared.shards[dest].tx.send(ShardMsg::Deliver(items)).await;
+                let _ = ctx.shared.shards[dest]
+                    .tx
+                    .send(ShardMsg::Deliver(items))
+                    .await;
             }
         }
     }
@@ -156,7 +162,10 @@ pub fn run(id: ShardId, shared: Arc<Shared>, mut rx: mpsc::Receiver<ShardMsg>) {
                     }
                     ShardMsg::Shutdown => {
                         ctx.shutting_down.set(true);
-                        deadline = Some(Instant::now() + Duration::from_millis(ctx.shared.cfg.server.shutdown_deadline_ms));
+                        deadline = Some(
+                            Instant::now()
+                                + Duration::from_millis(ctx.shared.cfg.server.shutdown_deadline_ms),
+                        );
                         for c in ctx.conns.borrow().values() {
                             c.kick(KickReason::ServerShutdown, "the server is shutting down");
                         }
@@ -166,7 +175,11 @@ pub fn run(id: ShardId, shared: Arc<Shared>, mut rx: mpsc::Receiver<ShardMsg>) {
             if let Some(d) = deadline {
                 if ctx.conns.borrow().is_empty() || Instant::now() >= d {
                     if !ctx.conns.borrow().is_empty() {
-                        tracing::warn!(shard = id.0, left = ctx.conns.borrow().len(), "shutdown deadline reached with connections open");
+                        tracing::warn!(
+                            shard = id.0,
+                            left = ctx.conns.borrow().len(),
+                            "shutdown deadline reached with connections open"
+                        );
                     }
                     return;
                 }

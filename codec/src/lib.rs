@@ -48,16 +48,32 @@ pub struct Header {
 
 impl Header {
     pub fn request(command: u16, seq: u32) -> Header {
-        Header { flags: 0, command, seq }
+        Header {
+            flags: 0,
+            command,
+            seq,
+        }
     }
     pub fn response(command: u16, seq: u32) -> Header {
-        Header { flags: flags::RESPONSE, command, seq }
+        Header {
+            flags: flags::RESPONSE,
+            command,
+            seq,
+        }
     }
     pub fn error(command: u16, seq: u32) -> Header {
-        Header { flags: flags::RESPONSE | flags::ERROR, command, seq }
+        Header {
+            flags: flags::RESPONSE | flags::ERROR,
+            command,
+            seq,
+        }
     }
     pub fn push(command: u16) -> Header {
-        Header { flags: flags::PUSH, command, seq: 0 }
+        Header {
+            flags: flags::PUSH,
+            command,
+            seq: 0,
+        }
     }
     pub fn is_response(&self) -> bool {
         self.flags & flags::RESPONSE != 0
@@ -115,7 +131,9 @@ impl FrameCodec {
     /// `max_frame_len` bounds the length field (header + body). Values below the
     /// header size are raised to it.
     pub fn new(max_frame_len: u32) -> FrameCodec {
-        FrameCodec { max_frame_len: max_frame_len.max(HEADER_LEN as u32) }
+        FrameCodec {
+            max_frame_len: max_frame_len.max(HEADER_LEN as u32),
+        }
     }
 
     pub fn max_frame_len(&self) -> u32 {
@@ -129,7 +147,10 @@ impl FrameCodec {
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
         if len > self.max_frame_len {
-            return Err(FrameError::TooLarge { len, max: self.max_frame_len });
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame_len,
+            });
         }
         if (len as usize) < HEADER_LEN {
             return Err(FrameError::BadFrame("length below the 8-byte header"));
@@ -202,10 +223,17 @@ impl Encoder<Frame> for FrameCodec {
 
 impl Encoder<(Header, &[u8])> for FrameCodec {
     type Error = FrameError;
-    fn encode(&mut self, (header, body): (Header, &[u8]), dst: &mut BytesMut) -> Result<(), FrameError> {
+    fn encode(
+        &mut self,
+        (header, body): (Header, &[u8]),
+        dst: &mut BytesMut,
+    ) -> Result<(), FrameError> {
         let len = HEADER_LEN + body.len();
         if len > self.max_frame_len as usize {
-            return Err(FrameError::TooLarge { len: len.min(u32::MAX as usize) as u32, max: self.max_frame_len });
+            return Err(FrameError::TooLarge {
+                len: len.min(u32::MAX as usize) as u32,
+                max: self.max_frame_len,
+            });
         }
         if header.flags & flags::RESERVED != 0 {
             return Err(FrameError::BadFrame("reserved flag bits set"));
@@ -260,11 +288,17 @@ mod tests {
     fn too_large_is_refused_from_the_prefix_alone() {
         let mut c = FrameCodec::new(100);
         let mut buf = BytesMut::from(&[0u8, 0, 0, 101][..]);
-        assert_eq!(c.decode(&mut buf), Err(FrameError::TooLarge { len: 101, max: 100 }));
+        assert_eq!(
+            c.decode(&mut buf),
+            Err(FrameError::TooLarge { len: 101, max: 100 })
+        );
         // Nothing was reserved for the oversized body.
         assert!(buf.capacity() < 101);
         let mut buf = BytesMut::from(&[0xFFu8, 0xFF, 0xFF, 0xFF][..]);
-        assert!(matches!(c.decode(&mut buf), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            c.decode(&mut buf),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -274,7 +308,10 @@ mod tests {
         let f = c.decode(&mut BytesMut::from(&bytes[..])).unwrap().unwrap();
         assert_eq!(f.body.len(), 12);
         let bytes = enc(Header::request(1, 1), &[7u8; 13]);
-        assert!(matches!(c.decode(&mut BytesMut::from(&bytes[..])), Err(FrameError::TooLarge { len: 21, .. })));
+        assert!(matches!(
+            c.decode(&mut BytesMut::from(&bytes[..])),
+            Err(FrameError::TooLarge { len: 21, .. })
+        ));
     }
 
     #[test]
@@ -282,13 +319,22 @@ mod tests {
         let mut c = FrameCodec::default();
         for len in 0u8..8 {
             let mut buf = BytesMut::from(&[0u8, 0, 0, len][..]);
-            assert_eq!(c.decode(&mut buf), Err(FrameError::BadFrame("length below the 8-byte header")));
+            assert_eq!(
+                c.decode(&mut buf),
+                Err(FrameError::BadFrame("length below the 8-byte header"))
+            );
         }
         let mut buf = BytesMut::from(&[0u8, 0, 0, 8, 2][..]);
-        assert_eq!(c.decode(&mut buf), Err(FrameError::BadFrame("unsupported version")));
+        assert_eq!(
+            c.decode(&mut buf),
+            Err(FrameError::BadFrame("unsupported version"))
+        );
         for bit in 3..8 {
             let mut buf = BytesMut::from(&[0u8, 0, 0, 8, 1, 1 << bit][..]);
-            assert_eq!(c.decode(&mut buf), Err(FrameError::BadFrame("reserved flag bits set")));
+            assert_eq!(
+                c.decode(&mut buf),
+                Err(FrameError::BadFrame("reserved flag bits set"))
+            );
         }
     }
 
@@ -296,15 +342,35 @@ mod tests {
     fn encoder_refuses_oversized_and_reserved() {
         let mut c = FrameCodec::new(10);
         let mut dst = BytesMut::new();
-        assert!(c.encode((Header::request(1, 1), &[0u8; 3][..]), &mut dst).is_err());
-        assert!(c.encode((Header { flags: 0x80, command: 1, seq: 1 }, &[][..]), &mut dst).is_err());
+        assert!(c
+            .encode((Header::request(1, 1), &[0u8; 3][..]), &mut dst)
+            .is_err());
+        assert!(c
+            .encode(
+                (
+                    Header {
+                        flags: 0x80,
+                        command: 1,
+                        seq: 1
+                    },
+                    &[][..]
+                ),
+                &mut dst
+            )
+            .is_err());
         assert!(dst.is_empty());
-        c.encode((Header::push(3002), &[1u8, 2][..]), &mut dst).unwrap();
+        c.encode((Header::push(3002), &[1u8, 2][..]), &mut dst)
+            .unwrap();
         assert_eq!(dst.len(), 14);
     }
 
     fn arb_frame() -> impl Strategy<Value = (u8, u16, u32, Vec<u8>)> {
-        (0u8..8, any::<u16>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300))
+        (
+            0u8..8,
+            any::<u16>(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u8>(), 0..300),
+        )
     }
 
     proptest! {

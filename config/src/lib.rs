@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
@@ -23,7 +26,10 @@ pub enum ConfigError {
 }
 
 fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Key { key: key.into(), message: message.into() }
+    ConfigError::Key {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// How many sessions a user may hold at once.
@@ -129,7 +135,11 @@ pub struct MessagesConfig {
 
 impl Default for MessagesConfig {
     fn default() -> Self {
-        MessagesConfig { max_text_len: 16 * 1024, max_payload_len: 64 * 1024, max_client_msg_id_len: 64 }
+        MessagesConfig {
+            max_text_len: 16 * 1024,
+            max_payload_len: 64 * 1024,
+            max_client_msg_id_len: 64,
+        }
     }
 }
 
@@ -174,7 +184,13 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { backend: Backend::Embedded, write_queue: 16_384, max_batch: 1024, read_connections: 4, cache_mib: 64 }
+        StoreConfig {
+            backend: Backend::Embedded,
+            write_queue: 16_384,
+            max_batch: 1024,
+            read_connections: 4,
+            cache_mib: 64,
+        }
     }
 }
 
@@ -187,7 +203,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig {
+            level: "info".into(),
+        }
     }
 }
 
@@ -210,10 +228,15 @@ impl Config {
     /// environment's `MYCHAT__…` overrides, and validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let text = match path {
-            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?,
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.into(),
+                source,
+            })?,
             None => String::new(),
         };
-        let name = path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<defaults>"));
+        let name = path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("<defaults>"));
         Config::from_parts(&text, &name, std::env::vars())
     }
 
@@ -225,14 +248,25 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax { path: name.into(), message: e.to_string() })?;
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: name.into(),
+                    message: e.to_string(),
+                })?;
         for (k, v) in env {
-            let Some(rest) = k.strip_prefix("MYCHAT__") else { continue };
+            let Some(rest) = k.strip_prefix("MYCHAT__") else {
+                continue;
+            };
             let parts: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             let [section, key] = &parts[..] else {
-                return Err(key_err(k.clone(), "environment overrides are MYCHAT__SECTION__KEY"));
+                return Err(key_err(
+                    k.clone(),
+                    "environment overrides are MYCHAT__SECTION__KEY",
+                ));
             };
-            let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
             let toml::Value::Table(t) = entry else {
                 return Err(key_err(section.clone(), "must be a table"));
             };
@@ -240,7 +274,10 @@ impl Config {
         }
         for (section, value) in &table {
             if !SECTIONS.contains(&section.as_str()) {
-                return Err(key_err(section.clone(), format!("unknown section (known: {})", SECTIONS.join(", "))));
+                return Err(key_err(
+                    section.clone(),
+                    format!("unknown section (known: {})", SECTIONS.join(", ")),
+                ));
             }
             let toml::Value::Table(t) = value else {
                 return Err(key_err(section.clone(), "must be a table"));
@@ -267,7 +304,12 @@ impl Config {
 
     /// Range checks that the types alone do not make.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, lo: T, hi: T) -> Result<(), ConfigError> {
+        fn range<T: PartialOrd + std::fmt::Display + Copy>(
+            key: &str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> Result<(), ConfigError> {
             if v < lo || v > hi {
                 return Err(key_err(key, format!("{v} is out of range {lo}..={hi}")));
             }
@@ -275,54 +317,168 @@ impl Config {
         }
         let s = &self.server;
         range("server.shards", s.shards, 0, 256)?;
-        range("server.max_frame_len", s.max_frame_len, 64, 64 * 1024 * 1024 + 8)?;
+        range(
+            "server.max_frame_len",
+            s.max_frame_len,
+            64,
+            64 * 1024 * 1024 + 8,
+        )?;
         range("server.max_connections", s.max_connections, 1, 10_000_000)?;
-        range("server.login_timeout_ms", s.login_timeout_ms, 100, 3_600_000)?;
-        range("server.idle_timeout_ms", s.idle_timeout_ms, 1_000, 86_400_000)?;
-        range("server.heartbeat_interval_ms", s.heartbeat_interval_ms, 100, 86_400_000)?;
+        range(
+            "server.login_timeout_ms",
+            s.login_timeout_ms,
+            100,
+            3_600_000,
+        )?;
+        range(
+            "server.idle_timeout_ms",
+            s.idle_timeout_ms,
+            1_000,
+            86_400_000,
+        )?;
+        range(
+            "server.heartbeat_interval_ms",
+            s.heartbeat_interval_ms,
+            100,
+            86_400_000,
+        )?;
         if s.heartbeat_interval_ms >= s.idle_timeout_ms {
-            return Err(key_err("server.heartbeat_interval_ms", "must be below server.idle_timeout_ms"));
+            return Err(key_err(
+                "server.heartbeat_interval_ms",
+                "must be below server.idle_timeout_ms",
+            ));
         }
-        range("server.outbound_buffer_bytes", s.outbound_buffer_bytes, 16 * 1024, 1 << 30)?;
+        range(
+            "server.outbound_buffer_bytes",
+            s.outbound_buffer_bytes,
+            16 * 1024,
+            1 << 30,
+        )?;
         if s.outbound_buffer_bytes < s.max_frame_len as usize + 12 {
-            return Err(key_err("server.outbound_buffer_bytes", "must hold at least one frame of server.max_frame_len"));
+            return Err(key_err(
+                "server.outbound_buffer_bytes",
+                "must hold at least one frame of server.max_frame_len",
+            ));
         }
-        range("server.max_inflight_per_conn", s.max_inflight_per_conn, 1, 4096)?;
+        range(
+            "server.max_inflight_per_conn",
+            s.max_inflight_per_conn,
+            1,
+            4096,
+        )?;
         range("server.shard_queue_depth", s.shard_queue_depth, 16, 1 << 20)?;
-        range("server.shutdown_deadline_ms", s.shutdown_deadline_ms, 100, 600_000)?;
+        range(
+            "server.shutdown_deadline_ms",
+            s.shutdown_deadline_ms,
+            100,
+            600_000,
+        )?;
         range("server.blocking_threads", s.blocking_threads, 1, 512)?;
         let a = &self.auth;
         range("auth.min_password_len", a.min_password_len, 1, 1024)?;
-        range("auth.max_password_len", a.max_password_len, a.min_password_len, 1024)?;
-        range("auth.access_token_ttl_secs", a.access_token_ttl_secs, 10, 365 * 86400)?;
-        range("auth.refresh_token_ttl_secs", a.refresh_token_ttl_secs, 60, 3650 * 86400)?;
+        range(
+            "auth.max_password_len",
+            a.max_password_len,
+            a.min_password_len,
+            1024,
+        )?;
+        range(
+            "auth.access_token_ttl_secs",
+            a.access_token_ttl_secs,
+            10,
+            365 * 86400,
+        )?;
+        range(
+            "auth.refresh_token_ttl_secs",
+            a.refresh_token_ttl_secs,
+            60,
+            3650 * 86400,
+        )?;
         if !a.token_key.is_empty() {
-            let ok = a.token_key.len() >= 64 && a.token_key.len() % 2 == 0 && a.token_key.bytes().all(|b| b.is_ascii_hexdigit());
+            let ok = a.token_key.len() >= 64
+                && a.token_key.len() % 2 == 0
+                && a.token_key.bytes().all(|b| b.is_ascii_hexdigit());
             if !ok {
-                return Err(key_err("auth.token_key", "must be empty or at least 64 hex digits (32 bytes)"));
+                return Err(key_err(
+                    "auth.token_key",
+                    "must be empty or at least 64 hex digits (32 bytes)",
+                ));
             }
         }
-        range("auth.argon2_m_cost_kib", a.argon2_m_cost_kib, 8, 4 * 1024 * 1024)?;
+        range(
+            "auth.argon2_m_cost_kib",
+            a.argon2_m_cost_kib,
+            8,
+            4 * 1024 * 1024,
+        )?;
         range("auth.argon2_t_cost", a.argon2_t_cost, 1, 100)?;
         range("auth.argon2_p_cost", a.argon2_p_cost, 1, 64)?;
         if a.argon2_m_cost_kib < 8 * a.argon2_p_cost {
-            return Err(key_err("auth.argon2_m_cost_kib", "must be at least 8 × auth.argon2_p_cost"));
+            return Err(key_err(
+                "auth.argon2_m_cost_kib",
+                "must be at least 8 × auth.argon2_p_cost",
+            ));
         }
-        range("auth.max_sessions_per_user", a.max_sessions_per_user, 1, 1024)?;
-        range("auth.failed_logins_per_user", a.failed_logins_per_user, 1, 1_000_000)?;
-        range("auth.failed_logins_per_addr", a.failed_logins_per_addr, 1, 1_000_000)?;
-        range("auth.failed_login_window_secs", a.failed_login_window_secs, 1, 86400)?;
-        range("auth.registrations_per_addr_per_min", a.registrations_per_addr_per_min, 1, 10_000_000)?;
+        range(
+            "auth.max_sessions_per_user",
+            a.max_sessions_per_user,
+            1,
+            1024,
+        )?;
+        range(
+            "auth.failed_logins_per_user",
+            a.failed_logins_per_user,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "auth.failed_logins_per_addr",
+            a.failed_logins_per_addr,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "auth.failed_login_window_secs",
+            a.failed_login_window_secs,
+            1,
+            86400,
+        )?;
+        range(
+            "auth.registrations_per_addr_per_min",
+            a.registrations_per_addr_per_min,
+            1,
+            10_000_000,
+        )?;
         let m = &self.messages;
         range("messages.max_text_len", m.max_text_len, 1, 1 << 20)?;
         range("messages.max_payload_len", m.max_payload_len, 0, 1 << 20)?;
-        range("messages.max_client_msg_id_len", m.max_client_msg_id_len, 8, 256)?;
+        range(
+            "messages.max_client_msg_id_len",
+            m.max_client_msg_id_len,
+            8,
+            256,
+        )?;
         let y = &self.sync;
         range("sync.max_page", y.max_page, 1, 10_000)?;
-        range("sync.unread_conversations", y.unread_conversations, 1, 10_000)?;
-        range("sync.unread_per_conversation", y.unread_per_conversation, 1, 10_000)?;
+        range(
+            "sync.unread_conversations",
+            y.unread_conversations,
+            1,
+            10_000,
+        )?;
+        range(
+            "sync.unread_per_conversation",
+            y.unread_per_conversation,
+            1,
+            10_000,
+        )?;
         range("sync.history_max_page", y.history_max_page, 1, 10_000)?;
-        range("sync.conversations_max_page", y.conversations_max_page, 1, 10_000)?;
+        range(
+            "sync.conversations_max_page",
+            y.conversations_max_page,
+            1,
+            10_000,
+        )?;
         let st = &self.store;
         range("store.write_queue", st.write_queue, 1, 1 << 22)?;
         range("store.max_batch", st.max_batch, 1, 1 << 16)?;
@@ -337,7 +493,9 @@ impl Config {
     /// The number of shard threads to run: `server.shards`, or one per core when 0.
     pub fn shard_count(&self) -> usize {
         if self.server.shards == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             self.server.shards
         }
@@ -365,7 +523,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_parts(text, Path::new("t.toml"), env.iter().map(|(a, b)| (a.to_string(), b.to_string())))
+        Config::from_parts(
+            text,
+            Path::new("t.toml"),
+            env.iter().map(|(a, b)| (a.to_string(), b.to_string())),
+        )
     }
 
     #[test]
@@ -386,26 +548,47 @@ mod tests {
 
     #[test]
     fn env_overrides_win() {
-        let c = parse("[server]\nlogin_timeout_ms = 5000\n", &[("MYCHAT__SERVER__LOGIN_TIMEOUT_MS", "2000"), ("MYCHAT__AUTH__MULTI_DEVICE", "multi"), ("OTHER", "x")]).unwrap();
+        let c = parse(
+            "[server]\nlogin_timeout_ms = 5000\n",
+            &[
+                ("MYCHAT__SERVER__LOGIN_TIMEOUT_MS", "2000"),
+                ("MYCHAT__AUTH__MULTI_DEVICE", "multi"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.server.login_timeout_ms, 2000);
         assert_eq!(c.auth.multi_device, MultiDevice::Multi);
     }
 
     #[test]
     fn errors_name_the_key() {
-        let e = parse("[server]\nlogin_timout_ms = 1\n", &[]).unwrap_err().to_string();
+        let e = parse("[server]\nlogin_timout_ms = 1\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("server.login_timout_ms"), "{e}");
         let e = parse("[sever]\n", &[]).unwrap_err().to_string();
         assert!(e.contains("`sever`"), "{e}");
-        let e = parse("", &[("MYCHAT__SERVER__IDLE_TIMEOUT_MS", "soon")]).unwrap_err().to_string();
+        let e = parse("", &[("MYCHAT__SERVER__IDLE_TIMEOUT_MS", "soon")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("server.idle_timeout_ms"), "{e}");
-        let e = parse("[server]\nshards = 100000\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("server.shards") && e.contains("out of range"), "{e}");
+        let e = parse("[server]\nshards = 100000\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.shards") && e.contains("out of range"),
+            "{e}"
+        );
         let e = parse("", &[("MYCHAT__NOPE", "1")]).unwrap_err().to_string();
         assert!(e.contains("MYCHAT__NOPE"), "{e}");
-        let e = parse("[auth]\ntoken_key = \"abc\"\n", &[]).unwrap_err().to_string();
+        let e = parse("[auth]\ntoken_key = \"abc\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("auth.token_key"), "{e}");
-        let e = parse("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err().to_string();
+        let e = parse("[server]\nlisten = \"nowhere\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("server.listen"), "{e}");
     }
 }

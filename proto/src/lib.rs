@@ -87,7 +87,9 @@ impl std::fmt::Display for ErrorCode {
 impl Command {
     /// The command for a frame's u16 id, if the protocol defines it.
     pub fn from_id(id: u16) -> Option<Command> {
-        Command::try_from(i32::from(id)).ok().filter(|c| *c != Command::Unspecified)
+        Command::try_from(i32::from(id))
+            .ok()
+            .filter(|c| *c != Command::Unspecified)
     }
 
     /// The id carried in the frame header.
@@ -99,7 +101,11 @@ impl Command {
     pub fn allowed_before_login(self) -> bool {
         matches!(
             self,
-            Command::Heartbeat | Command::Hello | Command::Register | Command::Login | Command::Refresh
+            Command::Heartbeat
+                | Command::Hello
+                | Command::Register
+                | Command::Login
+                | Command::Refresh
         )
     }
 }
@@ -111,7 +117,10 @@ mod tests {
 
     #[test]
     fn error_body_has_protocol_field_numbers() {
-        let e = Error { code: 7, message: "x".into() };
+        let e = Error {
+            code: 7,
+            message: "x".into(),
+        };
         // field 1 varint 7, field 2 length-delimited "x"
         assert_eq!(e.encode_to_vec(), vec![0x08, 7, 0x12, 1, b'x']);
     }

@@ -8,9 +8,9 @@ use crate::shard::ShardCtx;
 use crate::store::{RefreshRecord, TakeRefresh, UserRecord};
 use bytes::Bytes;
 use mychat_proto::{
-    login_request::Credential, ErrorCode, GetUsersRequest, GetUsersResponse, KickReason, LoginRequest, LoginResponse,
-    LogoutRequest, LogoutResponse, Platform, RefreshRequest, RefreshResponse, RegisterRequest, RegisterResponse, Tokens,
-    User,
+    login_request::Credential, ErrorCode, GetUsersRequest, GetUsersResponse, KickReason,
+    LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, Platform, RefreshRequest,
+    RefreshResponse, RegisterRequest, RegisterResponse, Tokens, User,
 };
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,7 +19,9 @@ use std::sync::Arc;
 pub fn valid_username(u: &str) -> bool {
     (3..=32).contains(&u.len())
         && u.as_bytes()[0].is_ascii_lowercase()
-        && u.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.' || b == b'-')
+        && u.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.' || b == b'-'
+        })
 }
 
 fn check_password(ctx: &ShardCtx, p: &str) -> ApiResult<()> {
@@ -40,12 +42,17 @@ fn addr_key(conn: &ConnShared) -> String {
 pub async fn register(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
     let req: RegisterRequest = decode(body)?;
     if !valid_username(&req.username) {
-        return Err(ApiError::bad_request("username: 3-32 bytes of a-z, 0-9, _ . -, starting with a letter"));
+        return Err(ApiError::bad_request(
+            "username: 3-32 bytes of a-z, 0-9, _ . -, starting with a letter",
+        ));
     }
     check_password(ctx, &req.password)?;
     let key = addr_key(conn);
     if ctx.shared.registrations.hit(&key) > ctx.shared.cfg.auth.registrations_per_addr_per_min {
-        return Err(ApiError::new(ErrorCode::RateLimited, "too many registrations from this address; try later"));
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            "too many registrations from this address; try later",
+        ));
     }
     let shared = ctx.shared.clone();
     let password = req.password;
@@ -62,7 +69,9 @@ pub async fn register(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) ->
         .create_user(req.username, hash, now_ms())
         .await
         .map_err(|e| match e {
-            crate::store::StoreError::Conflict => ApiError::new(ErrorCode::Conflict, "username is taken"),
+            crate::store::StoreError::Conflict => {
+                ApiError::new(ErrorCode::Conflict, "username is taken")
+            }
             e => e.into(),
         })?;
     encode(&RegisterResponse { user_id: user.id.0 })
@@ -70,19 +79,29 @@ pub async fn register(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) ->
 
 fn platform_of(p: i32) -> ApiResult<Platform> {
     match Platform::try_from(p) {
-        Ok(Platform::Unspecified) | Err(_) => Err(ApiError::bad_request("platform: desktop, mobile, web or tablet")),
+        Ok(Platform::Unspecified) | Err(_) => Err(ApiError::bad_request(
+            "platform: desktop, mobile, web or tablet",
+        )),
         Ok(p) => Ok(p),
     }
 }
 
 fn invalid() -> ApiError {
-    ApiError::new(ErrorCode::InvalidCredentials, "invalid username, password or token")
+    ApiError::new(
+        ErrorCode::InvalidCredentials,
+        "invalid username, password or token",
+    )
 }
 
 /// Signs an access token and stores a new refresh token for the device.
 fn issue_access(ctx: &ShardCtx, user: UserId, device: &str, epoch: u64, now: i64) -> (String, i64) {
     let exp = now + ctx.shared.cfg.auth.access_token_ttl_secs as i64 * 1000;
-    let t = ctx.shared.tokens.sign(&AccessClaims { user, epoch, expires_ms: exp, device_id: device.to_string() });
+    let t = ctx.shared.tokens.sign(&AccessClaims {
+        user,
+        epoch,
+        expires_ms: exp,
+        device_id: device.to_string(),
+    });
     (t, exp)
 }
 
@@ -92,8 +111,15 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
         return Err(ApiError::bad_request("device_id must be 1-64 bytes"));
     }
     let platform = platform_of(req.platform)?;
-    if ctx.shared.shutting_down.load(std::sync::atomic::Ordering::Acquire) {
-        return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down"));
+    if ctx
+        .shared
+        .shutting_down
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the server is shutting down",
+        ));
     }
     let store = ctx.shared.store.clone();
     let now = now_ms();
@@ -107,17 +133,29 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
             let auth = &ctx.shared.cfg.auth;
             let ukey = format!("u:{}", p.username);
             let akey = addr_key(conn);
-            if ctx.shared.login_failures.blocked(&ukey, auth.failed_logins_per_user)
-                || ctx.shared.login_failures.blocked(&akey, auth.failed_logins_per_addr)
+            if ctx
+                .shared
+                .login_failures
+                .blocked(&ukey, auth.failed_logins_per_user)
+                || ctx
+                    .shared
+                    .login_failures
+                    .blocked(&akey, auth.failed_logins_per_addr)
             {
-                return Err(ApiError::new(ErrorCode::RateLimited, "too many failed logins; try again later"));
+                return Err(ApiError::new(
+                    ErrorCode::RateLimited,
+                    "too many failed logins; try again later",
+                ));
             }
             if p.password.len() > auth.max_password_len || p.username.len() > 64 {
                 return Err(invalid());
             }
             let found = store.user_by_name(p.username.clone()).await?;
             let shared: Arc<_> = ctx.shared.clone();
-            let phc = found.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| shared.dummy_hash.clone());
+            let phc = found
+                .as_ref()
+                .map(|u| u.password_hash.clone())
+                .unwrap_or_else(|| shared.dummy_hash.clone());
             let password = p.password;
             let ok = tokio::task::spawn_blocking(move || shared.hasher.verify(&password, &phc))
                 .await
@@ -138,35 +176,58 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
             if t.len() > 128 {
                 return Err(invalid());
             }
-            match store.take_refresh(refresh_hash(&t), new_hash, now + refresh_ttl, now).await? {
+            match store
+                .take_refresh(refresh_hash(&t), new_hash, now + refresh_ttl, now)
+                .await?
+            {
                 TakeRefresh::Unknown => return Err(invalid()),
-                TakeRefresh::Expired => return Err(ApiError::new(ErrorCode::TokenExpired, "refresh token expired")),
+                TakeRefresh::Expired => {
+                    return Err(ApiError::new(
+                        ErrorCode::TokenExpired,
+                        "refresh token expired",
+                    ))
+                }
                 TakeRefresh::Rotated(rec) => {
                     // A token presented by another device is burnt, not honoured.
                     if rec.device_id != req.device_id {
                         return Err(invalid());
                     }
                     refresh_stored = true;
-                    user = store.users_by_ids(vec![rec.user]).await?.pop().ok_or_else(invalid)?;
+                    user = store
+                        .users_by_ids(vec![rec.user])
+                        .await?
+                        .pop()
+                        .ok_or_else(invalid)?;
                 }
             }
         }
         Some(Credential::AccessToken(t)) => {
             let claims = ctx.shared.tokens.verify(&t, now).map_err(|e| match e {
-                TokenError::Expired => ApiError::new(ErrorCode::TokenExpired, "access token expired"),
+                TokenError::Expired => {
+                    ApiError::new(ErrorCode::TokenExpired, "access token expired")
+                }
                 TokenError::Invalid => invalid(),
             })?;
             if claims.device_id != req.device_id {
                 return Err(invalid());
             }
-            let dev = store.device(claims.user, claims.device_id.clone()).await?.ok_or_else(invalid)?;
+            let dev = store
+                .device(claims.user, claims.device_id.clone())
+                .await?
+                .ok_or_else(invalid)?;
             if dev.token_epoch != claims.epoch {
                 return Err(invalid());
             }
-            user = store.users_by_ids(vec![claims.user]).await?.pop().ok_or_else(invalid)?;
+            user = store
+                .users_by_ids(vec![claims.user])
+                .await?
+                .pop()
+                .ok_or_else(invalid)?;
         }
     }
-    let device = store.register_device(user.id, req.device_id.clone(), platform, now).await?;
+    let device = store
+        .register_device(user.id, req.device_id.clone(), platform, now)
+        .await?;
     if !refresh_stored {
         store
             .put_refresh(RefreshRecord {
@@ -197,7 +258,12 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
     let me = conn.session_ref(ctx).expect("session just set");
     let displaced = ctx.shared.dir.register(user.id, me);
     for s in displaced {
-        ctx.kick(&s, KickReason::LoggedInElsewhere, "logged in on another device of the same platform").await;
+        ctx.kick(
+            &s,
+            KickReason::LoggedInElsewhere,
+            "logged in on another device of the same platform",
+        )
+        .await;
     }
     tracing::debug!(conn = conn.id.0, user = user.id.0, "logged in");
     encode(&LoginResponse {
@@ -225,11 +291,20 @@ pub async fn refresh(ctx: &Rc<ShardCtx>, body: Bytes) -> ApiResult<Bytes> {
     let ttl = ctx.shared.cfg.auth.refresh_token_ttl_secs as i64 * 1000;
     let (token, hash) = new_refresh_token();
     let store = &ctx.shared.store;
-    match store.take_refresh(refresh_hash(&req.refresh_token), hash, now + ttl, now).await? {
+    match store
+        .take_refresh(refresh_hash(&req.refresh_token), hash, now + ttl, now)
+        .await?
+    {
         TakeRefresh::Unknown => Err(invalid()),
-        TakeRefresh::Expired => Err(ApiError::new(ErrorCode::TokenExpired, "refresh token expired")),
+        TakeRefresh::Expired => Err(ApiError::new(
+            ErrorCode::TokenExpired,
+            "refresh token expired",
+        )),
         TakeRefresh::Rotated(rec) => {
-            let dev = store.device(rec.user, rec.device_id.clone()).await?.ok_or_else(invalid)?;
+            let dev = store
+                .device(rec.user, rec.device_id.clone())
+                .await?
+                .ok_or_else(invalid)?;
             let (access, exp) = issue_access(ctx, rec.user, &rec.device_id, dev.token_epoch, now);
             encode(&RefreshResponse {
                 tokens: Some(Tokens {
@@ -245,8 +320,13 @@ pub async fn refresh(ctx: &Rc<ShardCtx>, body: Bytes) -> ApiResult<Bytes> {
 
 pub async fn logout(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
     let _req: LogoutRequest = decode(body)?;
-    let s = conn.session().ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "log in first"))?;
-    ctx.shared.store.logout_device(s.user, s.device_id.to_string()).await?;
+    let s = conn
+        .session()
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "log in first"))?;
+    ctx.shared
+        .store
+        .logout_device(s.user, s.device_id.to_string())
+        .await?;
     if let Some(s) = conn.session.borrow_mut().take() {
         ctx.shared.dir.unregister(s.user, ctx.id, conn.id);
     }
@@ -256,15 +336,32 @@ pub async fn logout(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
 pub async fn get_users(ctx: &Rc<ShardCtx>, body: Bytes) -> ApiResult<Bytes> {
     let req: GetUsersRequest = decode(body)?;
     if req.user_ids.len() + req.usernames.len() > 100 {
-        return Err(ApiError::new(ErrorCode::PayloadTooLarge, "at most 100 users per request"));
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "at most 100 users per request",
+        ));
     }
     let store = &ctx.shared.store;
     let mut out: Vec<User> = Vec::new();
-    let to_user = |u: UserRecord| User { id: u.id.0, username: u.username, created_ms: u.created_ms };
+    let to_user = |u: UserRecord| User {
+        id: u.id.0,
+        username: u.username,
+        created_ms: u.created_ms,
+    };
     if !req.user_ids.is_empty() {
-        out.extend(store.users_by_ids(req.user_ids.into_iter().map(UserId).collect()).await?.into_iter().map(to_user));
+        out.extend(
+            store
+                .users_by_ids(req.user_ids.into_iter().map(UserId).collect())
+                .await?
+                .into_iter()
+                .map(to_user),
+        );
     }
-    let names: Vec<String> = req.usernames.into_iter().filter(|n| n.len() <= 64).collect();
+    let names: Vec<String> = req
+        .usernames
+        .into_iter()
+        .filter(|n| n.len() <= 64)
+        .collect();
     if !names.is_empty() {
         out.extend(store.users_by_names(names).await?.into_iter().map(to_user));
     }
@@ -278,7 +375,16 @@ mod tests {
         for ok in ["alice", "bob_2", "a.b-c", "abc"] {
             assert!(super::valid_username(ok), "{ok}");
         }
-        for bad in ["", "ab", "Alice", "1abc", "_abc", "a b c", "ab\u{e9}c", &"a".repeat(33)] {
+        for bad in [
+            "",
+            "ab",
+            "Alice",
+            "1abc",
+            "_abc",
+            "a b c",
+            "ab\u{e9}c",
+            &"a".repeat(33),
+        ] {
             assert!(!super::valid_username(bad), "{bad}");
         }
     }

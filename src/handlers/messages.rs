@@ -9,15 +9,16 @@ use crate::store::{ConvRecord, SendInput, UpdateEvent};
 use bytes::Bytes;
 use mychat_codec::Header;
 use mychat_proto::{
-    update, Command, Conversation, ConversationType, ConversationsRequest, ConversationsResponse, DeliveredRequest,
-    DeliveredResponse, ErrorCode, HistoryRequest, HistoryResponse, MessageKind, MessagePush, ReadRequest, ReadResponse,
-    Receipt, ReceiptKind, ReceiptPush, SendMessageRequest, SendMessageResponse, SyncAckRequest, SyncAckResponse,
-    SyncRequest, SyncResponse, Update,
+    update, Command, Conversation, ConversationType, ConversationsRequest, ConversationsResponse,
+    DeliveredRequest, DeliveredResponse, ErrorCode, HistoryRequest, HistoryResponse, MessageKind,
+    MessagePush, ReadRequest, ReadResponse, Receipt, ReceiptKind, ReceiptPush, SendMessageRequest,
+    SendMessageResponse, SyncAckRequest, SyncAckResponse, SyncRequest, SyncResponse, Update,
 };
 use std::rc::Rc;
 
 fn me(conn: &ConnShared) -> ApiResult<crate::conn::Session> {
-    conn.session().ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "log in first"))
+    conn.session()
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "log in first"))
 }
 
 fn push_frame<M: prost::Message>(cmd: Command, m: &M) -> Bytes {
@@ -29,7 +30,10 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
     let req: SendMessageRequest = decode(body)?;
     let lim = &ctx.shared.cfg.messages;
     if req.client_msg_id.is_empty() || req.client_msg_id.len() > lim.max_client_msg_id_len {
-        return Err(ApiError::bad_request(format!("client_msg_id must be 1-{} bytes", lim.max_client_msg_id_len)));
+        return Err(ApiError::bad_request(format!(
+            "client_msg_id must be 1-{} bytes",
+            lim.max_client_msg_id_len
+        )));
     }
     if req.to_user_id == 0 {
         return Err(ApiError::bad_request("to_user_id is missing"));
@@ -40,23 +44,41 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
     let kind = match MessageKind::try_from(req.kind) {
         Ok(MessageKind::KindUnspecified | MessageKind::Text) => MessageKind::Text,
         Ok(MessageKind::Custom) => MessageKind::Custom,
-        Ok(MessageKind::System) => return Err(ApiError::bad_request("system messages are written by the server only")),
+        Ok(MessageKind::System) => {
+            return Err(ApiError::bad_request(
+                "system messages are written by the server only",
+            ))
+        }
         Ok(MessageKind::Image | MessageKind::File) => {
-            return Err(ApiError::bad_request("image and file messages need the files module, not served by this server"))
+            return Err(ApiError::bad_request(
+                "image and file messages need the files module, not served by this server",
+            ))
         }
         Err(_) => return Err(ApiError::bad_request("unknown message kind")),
     };
     if req.text.len() > lim.max_text_len {
-        return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("text is over {} bytes", lim.max_text_len)));
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("text is over {} bytes", lim.max_text_len),
+        ));
     }
     if req.payload.len() > lim.max_payload_len {
-        return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("payload is over {} bytes", lim.max_payload_len)));
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("payload is over {} bytes", lim.max_payload_len),
+        ));
     }
     match kind {
-        MessageKind::Text if req.text.is_empty() => return Err(ApiError::bad_request("text is empty")),
-        MessageKind::Text if !req.payload.is_empty() => return Err(ApiError::bad_request("a text message has no payload")),
+        MessageKind::Text if req.text.is_empty() => {
+            return Err(ApiError::bad_request("text is empty"))
+        }
+        MessageKind::Text if !req.payload.is_empty() => {
+            return Err(ApiError::bad_request("a text message has no payload"))
+        }
         MessageKind::Custom if req.payload.is_empty() && req.text.is_empty() => {
-            return Err(ApiError::bad_request("a custom message needs a payload or text"))
+            return Err(ApiError::bad_request(
+                "a custom message needs a payload or text",
+            ))
         }
         _ => {}
     }
@@ -79,9 +101,21 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         })?;
     let m = &out.message;
     if !out.duplicate {
-        let to_recipient = push_frame(Command::MessagePush, &MessagePush { message: Some(m.clone()), pts: out.recipient_pts });
+        let to_recipient = push_frame(
+            Command::MessagePush,
+            &MessagePush {
+                message: Some(m.clone()),
+                pts: out.recipient_pts,
+            },
+        );
         ctx.deliver_to_user(UserId(m.recipient_id), &to_recipient, None);
-        let to_sender = push_frame(Command::MessagePush, &MessagePush { message: Some(m.clone()), pts: out.sender_pts });
+        let to_sender = push_frame(
+            Command::MessagePush,
+            &MessagePush {
+                message: Some(m.clone()),
+                pts: out.sender_pts,
+            },
+        );
         ctx.deliver_to_user(s.user, &to_sender, Some(conn.id));
     }
     encode(&SendMessageResponse {
@@ -102,16 +136,39 @@ pub async fn delivered(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -
     let s = me(conn)?;
     let req: DeliveredRequest = decode(body)?;
     if req.conversation_id == 0 || req.seq == 0 {
-        return Err(ApiError::bad_request("conversation_id and seq are required"));
+        return Err(ApiError::bad_request(
+            "conversation_id and seq are required",
+        ));
     }
     let (seq, peer) = ctx
         .shared
         .store
         .mark_delivered(s.user, ConvId(req.conversation_id), req.seq)
         .await
-        .map_err(|e| if e == crate::store::StoreError::NotFound { not_found_conv() } else { e.into() })?;
-    let receipt = Receipt { conversation_id: req.conversation_id, user_id: s.user.0, kind: ReceiptKind::ReceiptDelivered as i32, seq };
-    ctx.deliver_to_user(peer, &push_frame(Command::ReceiptPush, &ReceiptPush { receipt: Some(receipt), pts: 0 }), None);
+        .map_err(|e| {
+            if e == crate::store::StoreError::NotFound {
+                not_found_conv()
+            } else {
+                e.into()
+            }
+        })?;
+    let receipt = Receipt {
+        conversation_id: req.conversation_id,
+        user_id: s.user.0,
+        kind: ReceiptKind::ReceiptDelivered as i32,
+        seq,
+    };
+    ctx.deliver_to_user(
+        peer,
+        &push_frame(
+            Command::ReceiptPush,
+            &ReceiptPush {
+                receipt: Some(receipt),
+                pts: 0,
+            },
+        ),
+        None,
+    );
     encode(&DeliveredResponse {})
 }
 
@@ -126,15 +183,40 @@ pub async fn read(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         .store
         .mark_read(s.user, ConvId(req.conversation_id), req.seq)
         .await
-        .map_err(|e| if e == crate::store::StoreError::NotFound { not_found_conv() } else { e.into() })?;
+        .map_err(|e| {
+            if e == crate::store::StoreError::NotFound {
+                not_found_conv()
+            } else {
+                e.into()
+            }
+        })?;
     if let Some(mv) = &out.moved {
-        let receipt = Receipt { conversation_id: req.conversation_id, user_id: s.user.0, kind: ReceiptKind::ReceiptRead as i32, seq: out.read_seq };
-        let to_peer = push_frame(Command::ReceiptPush, &ReceiptPush { receipt: Some(receipt.clone()), pts: mv.peer_pts });
+        let receipt = Receipt {
+            conversation_id: req.conversation_id,
+            user_id: s.user.0,
+            kind: ReceiptKind::ReceiptRead as i32,
+            seq: out.read_seq,
+        };
+        let to_peer = push_frame(
+            Command::ReceiptPush,
+            &ReceiptPush {
+                receipt: Some(receipt.clone()),
+                pts: mv.peer_pts,
+            },
+        );
         ctx.deliver_to_user(mv.peer, &to_peer, None);
-        let to_me = push_frame(Command::ReceiptPush, &ReceiptPush { receipt: Some(receipt), pts: mv.reader_pts });
+        let to_me = push_frame(
+            Command::ReceiptPush,
+            &ReceiptPush {
+                receipt: Some(receipt),
+                pts: mv.reader_pts,
+            },
+        );
         ctx.deliver_to_user(s.user, &to_me, Some(conn.id));
     }
-    encode(&ReadResponse { read_seq: out.read_seq })
+    encode(&ReadResponse {
+        read_seq: out.read_seq,
+    })
 }
 
 fn to_update(pts: u64, ev: UpdateEvent) -> Update {
@@ -147,38 +229,78 @@ fn to_update(pts: u64, ev: UpdateEvent) -> Update {
             seq,
         }),
     };
-    Update { pts, event: Some(event) }
+    Update {
+        pts,
+        event: Some(event),
+    }
 }
 
 pub async fn sync(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
     let s = me(conn)?;
     let req: SyncRequest = decode(body)?;
     let cfg = &ctx.shared.cfg.sync;
-    let limit = if req.limit == 0 { cfg.max_page } else { req.limit.min(cfg.max_page) };
+    let limit = if req.limit == 0 {
+        cfg.max_page
+    } else {
+        req.limit.min(cfg.max_page)
+    };
     let store = &ctx.shared.store;
     let since = match req.since_pts.or(s.cursor) {
         Some(p) => p,
         None => {
             // Never synced: the unread snapshot, and a cursor from now on.
-            let snap = store.unread_snapshot(s.user, cfg.unread_conversations, cfg.unread_per_conversation).await?;
-            store.set_cursor(s.user, s.device_id.to_string(), snap.pts).await?;
+            let snap = store
+                .unread_snapshot(
+                    s.user,
+                    cfg.unread_conversations,
+                    cfg.unread_per_conversation,
+                )
+                .await?;
+            store
+                .set_cursor(s.user, s.device_id.to_string(), snap.pts)
+                .await?;
             conn.set_cursor(snap.pts);
-            let updates = snap.messages.into_iter().map(|m| Update { pts: 0, event: Some(update::Event::Message(m)) }).collect();
-            return encode(&SyncResponse { updates, pts: snap.pts, has_more: false, unread_snapshot: true });
+            let updates = snap
+                .messages
+                .into_iter()
+                .map(|m| Update {
+                    pts: 0,
+                    event: Some(update::Event::Message(m)),
+                })
+                .collect();
+            return encode(&SyncResponse {
+                updates,
+                pts: snap.pts,
+                has_more: false,
+                unread_snapshot: true,
+            });
         }
     };
     let head = store.user_pts(s.user).await?;
     if since > head {
-        return Err(ApiError::bad_request(format!("since_pts {since} is ahead of the stream ({head})")));
+        return Err(ApiError::bad_request(format!(
+            "since_pts {since} is ahead of the stream ({head})"
+        )));
     }
     if req.since_pts.is_some() && s.cursor.is_none_or(|c| since > c) {
-        store.set_cursor(s.user, s.device_id.to_string(), since).await?;
+        store
+            .set_cursor(s.user, s.device_id.to_string(), since)
+            .await?;
         conn.set_cursor(since);
     }
     let page = store.sync(s.user, since, limit).await?;
     let pts = page.updates.last().map(|(p, _)| *p).unwrap_or(since);
-    let updates = page.updates.into_iter().map(|(p, e)| to_update(p, e)).collect();
-    encode(&SyncResponse { updates, pts, has_more: page.has_more, unread_snapshot: false })
+    let updates = page
+        .updates
+        .into_iter()
+        .map(|(p, e)| to_update(p, e))
+        .collect();
+    encode(&SyncResponse {
+        updates,
+        pts,
+        has_more: page.has_more,
+        unread_snapshot: false,
+    })
 }
 
 pub async fn sync_ack(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
@@ -187,19 +309,33 @@ pub async fn sync_ack(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) ->
     let store = &ctx.shared.store;
     let head = store.user_pts(s.user).await?;
     if req.pts > head {
-        return Err(ApiError::bad_request(format!("pts {} is ahead of the stream ({head})", req.pts)));
+        return Err(ApiError::bad_request(format!(
+            "pts {} is ahead of the stream ({head})",
+            req.pts
+        )));
     }
     if s.cursor.is_none_or(|c| req.pts > c) {
-        store.set_cursor(s.user, s.device_id.to_string(), req.pts).await?;
+        store
+            .set_cursor(s.user, s.device_id.to_string(), req.pts)
+            .await?;
         conn.set_cursor(req.pts);
     }
     encode(&SyncAckResponse {})
 }
 
-async fn conv_of(ctx: &ShardCtx, user: UserId, conversation_id: u64, peer: u64) -> ApiResult<ConvRecord> {
+async fn conv_of(
+    ctx: &ShardCtx,
+    user: UserId,
+    conversation_id: u64,
+    peer: u64,
+) -> ApiResult<ConvRecord> {
     let store = &ctx.shared.store;
     let c = match (conversation_id, peer) {
-        (0, 0) => return Err(ApiError::bad_request("conversation_id or peer_user_id is required")),
+        (0, 0) => {
+            return Err(ApiError::bad_request(
+                "conversation_id or peer_user_id is required",
+            ))
+        }
         (0, p) => store.direct_conversation(user, UserId(p)).await?,
         (c, _) => store.conversation(ConvId(c)).await?,
     };
@@ -212,17 +348,41 @@ pub async fn history(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> 
     let req: HistoryRequest = decode(body)?;
     let conv = conv_of(ctx, s.user, req.conversation_id, req.peer_user_id).await?;
     let max = ctx.shared.cfg.sync.history_max_page;
-    let limit = if req.limit == 0 { max } else { req.limit.min(max) };
-    let (messages, has_more) = ctx.shared.store.history(conv.id, req.before_seq, limit).await?;
-    encode(&HistoryResponse { conversation_id: conv.id.0, messages, has_more })
+    let limit = if req.limit == 0 {
+        max
+    } else {
+        req.limit.min(max)
+    };
+    let (messages, has_more) = ctx
+        .shared
+        .store
+        .history(conv.id, req.before_seq, limit)
+        .await?;
+    encode(&HistoryResponse {
+        conversation_id: conv.id.0,
+        messages,
+        has_more,
+    })
 }
 
-pub async fn conversations(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
+pub async fn conversations(
+    ctx: &Rc<ShardCtx>,
+    conn: &Rc<ConnShared>,
+    body: Bytes,
+) -> ApiResult<Bytes> {
     let s = me(conn)?;
     let req: ConversationsRequest = decode(body)?;
     let max = ctx.shared.cfg.sync.conversations_max_page;
-    let limit = if req.limit == 0 { max } else { req.limit.min(max) };
-    let (list, has_more) = ctx.shared.store.conversations(s.user, req.offset, limit).await?;
+    let limit = if req.limit == 0 {
+        max
+    } else {
+        req.limit.min(max)
+    };
+    let (list, has_more) = ctx
+        .shared
+        .store
+        .conversations(s.user, req.offset, limit)
+        .await?;
     let conversations = list
         .into_iter()
         .map(|c| Conversation {
@@ -237,5 +397,8 @@ pub async fn conversations(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Byte
             peer_delivered_seq: c.peer_delivered_seq,
         })
         .collect();
-    encode(&ConversationsResponse { conversations, has_more })
+    encode(&ConversationsResponse {
+        conversations,
+        has_more,
+    })
 }

@@ -8,7 +8,9 @@ use mychat_proto::{HelloRequest, HelloResponse};
 pub fn hello(ctx: &ShardCtx, body: Bytes) -> ApiResult<Bytes> {
     let req: HelloRequest = decode(body)?;
     if req.client_name.len() > 64 || req.client_version.len() > 64 {
-        return Err(ApiError::bad_request("client_name and client_version are at most 64 bytes"));
+        return Err(ApiError::bad_request(
+            "client_name and client_version are at most 64 bytes",
+        ));
     }
     let s = &ctx.shared.cfg.server;
     encode(&HelloResponse {

@@ -112,7 +112,11 @@ pub struct ReadMoved {
 #[derive(Clone, Debug)]
 pub enum UpdateEvent {
     Message(Message),
-    Read { conv: ConvId, reader: UserId, seq: u64 },
+    Read {
+        conv: ConvId,
+        reader: UserId,
+        seq: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -163,13 +167,24 @@ pub struct ConvSummary {
 /// calling (shard) thread.
 pub trait Store: Send + Sync + 'static {
     /// Conflict when the username is taken.
-    fn create_user(&self, username: String, password_hash: String, now_ms: i64) -> StoreFut<UserRecord>;
+    fn create_user(
+        &self,
+        username: String,
+        password_hash: String,
+        now_ms: i64,
+    ) -> StoreFut<UserRecord>;
     fn user_by_name(&self, username: String) -> StoreFut<Option<UserRecord>>;
     fn users_by_ids(&self, ids: Vec<UserId>) -> StoreFut<Vec<UserRecord>>;
     fn users_by_names(&self, names: Vec<String>) -> StoreFut<Vec<UserRecord>>;
 
     /// Creates or refreshes a device row (platform, last login); returns it.
-    fn register_device(&self, user: UserId, device_id: String, platform: Platform, now_ms: i64) -> StoreFut<DeviceRecord>;
+    fn register_device(
+        &self,
+        user: UserId,
+        device_id: String,
+        platform: Platform,
+        now_ms: i64,
+    ) -> StoreFut<DeviceRecord>;
     fn device(&self, user: UserId, device_id: String) -> StoreFut<Option<DeviceRecord>>;
     /// Revokes the device's tokens: bumps its token epoch and deletes its refresh tokens.
     fn logout_device(&self, user: UserId, device_id: String) -> StoreFut<()>;
@@ -179,7 +194,13 @@ pub trait Store: Send + Sync + 'static {
     fn put_refresh(&self, rec: RefreshRecord) -> StoreFut<()>;
     /// Consumes `hash` if valid at `now_ms`, storing `replacement` (same user, device
     /// and platform as the consumed one; only its hash and expiry are taken).
-    fn take_refresh(&self, hash: [u8; 32], replacement_hash: [u8; 32], replacement_expires_ms: i64, now_ms: i64) -> StoreFut<TakeRefresh>;
+    fn take_refresh(
+        &self,
+        hash: [u8; 32],
+        replacement_hash: [u8; 32],
+        replacement_expires_ms: i64,
+        now_ms: i64,
+    ) -> StoreFut<TakeRefresh>;
 
     /// The user's current pts.
     fn user_pts(&self, user: UserId) -> StoreFut<u64>;
@@ -194,12 +215,22 @@ pub trait Store: Send + Sync + 'static {
     fn mark_delivered(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<(u64, UserId)>;
 
     fn sync(&self, user: UserId, since_pts: u64, limit: u32) -> StoreFut<SyncPage>;
-    fn unread_snapshot(&self, user: UserId, max_convs: u32, per_conv: u32) -> StoreFut<UnreadSnapshot>;
+    fn unread_snapshot(
+        &self,
+        user: UserId,
+        max_convs: u32,
+        per_conv: u32,
+    ) -> StoreFut<UnreadSnapshot>;
     fn conversation(&self, conv: ConvId) -> StoreFut<Option<ConvRecord>>;
     fn direct_conversation(&self, a: UserId, b: UserId) -> StoreFut<Option<ConvRecord>>;
     /// Up to `limit` messages with seq < before_seq (0 = newest), ascending; has_more.
     fn history(&self, conv: ConvId, before_seq: u64, limit: u32) -> StoreFut<(Vec<Message>, bool)>;
-    fn conversations(&self, user: UserId, offset: u32, limit: u32) -> StoreFut<(Vec<ConvSummary>, bool)>;
+    fn conversations(
+        &self,
+        user: UserId,
+        offset: u32,
+        limit: u32,
+    ) -> StoreFut<(Vec<ConvSummary>, bool)>;
 
     /// Stops taking writes, commits what is queued, checkpoints. Idempotent.
     fn shutdown(&self) -> StoreFut<()>;

@@ -119,15 +119,57 @@ const CACHE_MAX: usize = 1 << 20;
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum WriteOp {
-    CreateUser { username: String, hash: String, now: i64, tx: Reply<UserRecord> },
-    RegisterDevice { user: UserId, device: String, platform: Platform, now: i64, tx: Reply<DeviceRecord> },
-    Logout { user: UserId, device: String, tx: Reply<()> },
-    SetCursor { user: UserId, device: String, pts: u64, tx: Reply<()> },
-    PutRefresh { rec: RefreshRecord, tx: Reply<()> },
-    TakeRefresh { hash: [u8; 32], new_hash: [u8; 32], new_expires: i64, now: i64, tx: Reply<TakeRefresh> },
-    Send { input: SendInput, tx: Reply<SendOutcome> },
-    Read { user: UserId, conv: ConvId, seq: u64, tx: Reply<ReadOutcome> },
-    Delivered { user: UserId, conv: ConvId, seq: u64, tx: Reply<(u64, UserId)> },
+    CreateUser {
+        username: String,
+        hash: String,
+        now: i64,
+        tx: Reply<UserRecord>,
+    },
+    RegisterDevice {
+        user: UserId,
+        device: String,
+        platform: Platform,
+        now: i64,
+        tx: Reply<DeviceRecord>,
+    },
+    Logout {
+        user: UserId,
+        device: String,
+        tx: Reply<()>,
+    },
+    SetCursor {
+        user: UserId,
+        device: String,
+        pts: u64,
+        tx: Reply<()>,
+    },
+    PutRefresh {
+        rec: RefreshRecord,
+        tx: Reply<()>,
+    },
+    TakeRefresh {
+        hash: [u8; 32],
+        new_hash: [u8; 32],
+        new_expires: i64,
+        now: i64,
+        tx: Reply<TakeRefresh>,
+    },
+    Send {
+        input: SendInput,
+        tx: Reply<SendOutcome>,
+    },
+    Read {
+        user: UserId,
+        conv: ConvId,
+        seq: u64,
+        tx: Reply<ReadOutcome>,
+    },
+    Delivered {
+        user: UserId,
+        conv: ConvId,
+        seq: u64,
+        tx: Reply<(u64, UserId)>,
+    },
     /// Commit what came before, checkpoint, and stop.
     Stop,
 }
@@ -150,17 +192,26 @@ fn open(path: &Path, read_only: bool, cache_mib: u32) -> Result<Connection, Stor
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let c = Connection::open_with_flags(path, flags).map_err(internal)?;
     c.busy_timeout(Duration::from_secs(10)).map_err(internal)?;
-    c.execute_batch(&format!("PRAGMA cache_size = -{};", cache_mib as u64 * 1024)).map_err(internal)?;
+    c.execute_batch(&format!(
+        "PRAGMA cache_size = -{};",
+        cache_mib as u64 * 1024
+    ))
+    .map_err(internal)?;
     Ok(c)
 }
 
 impl SqliteStore {
     /// Opens (creating and migrating as needed) `dir/mychat.db`.
-    pub fn open(dir: &Path, cfg: &mychat_config::StoreConfig) -> Result<Arc<SqliteStore>, StoreError> {
+    pub fn open(
+        dir: &Path,
+        cfg: &mychat_config::StoreConfig,
+    ) -> Result<Arc<SqliteStore>, StoreError> {
         std::fs::create_dir_all(dir).map_err(internal)?;
         let path = dir.join("mychat.db");
         let mut w = open(&path, false, cfg.cache_mib)?;
@@ -210,21 +261,31 @@ impl SqliteStore {
     fn write<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteOp) -> StoreFut<T> {
         let (tx, rx) = oneshot::channel();
         let sent = if self.closing.load(Ordering::Acquire) {
-            Err(StoreError::Unavailable("the server is shutting down".into()))
+            Err(StoreError::Unavailable(
+                "the server is shutting down".into(),
+            ))
         } else {
             match self.writes.try_send(make(tx)) {
                 Ok(()) => Ok(()),
-                Err(TrySendError::Full(_)) => Err(StoreError::Unavailable("storage write queue is full".into())),
-                Err(TrySendError::Disconnected(_)) => Err(StoreError::Unavailable("storage is stopped".into())),
+                Err(TrySendError::Full(_)) => Err(StoreError::Unavailable(
+                    "storage write queue is full".into(),
+                )),
+                Err(TrySendError::Disconnected(_)) => {
+                    Err(StoreError::Unavailable("storage is stopped".into()))
+                }
             }
         };
         Box::pin(async move {
             sent?;
-            rx.await.map_err(|_| StoreError::Unavailable("storage writer stopped".into()))?
+            rx.await
+                .map_err(|_| StoreError::Unavailable("storage writer stopped".into()))?
         })
     }
 
-    fn read<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static) -> StoreFut<T> {
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFut<T> {
         let pool = self.readers.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
@@ -240,9 +301,16 @@ impl SqliteStore {
 }
 
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
-    c.execute_batch("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)").map_err(internal)?;
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    )
+    .map_err(internal)?;
     let version: i64 = c
-        .query_row("SELECT value FROM meta WHERE key='schema_version'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key='schema_version'",
+            [],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(internal)?
         .unwrap_or(0);
@@ -255,7 +323,11 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = c.transaction().map_err(internal)?;
         tx.execute_batch(sql).map_err(internal)?;
-        tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?1)", [i as i64 + 1]).map_err(internal)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?1)",
+            [i as i64 + 1],
+        )
+        .map_err(internal)?;
         tx.commit().map_err(internal)?;
     }
     Ok(())
@@ -285,7 +357,12 @@ fn message_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Message> {
 }
 
 fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
-    Ok(UserRecord { id: UserId(r.get::<_, i64>(0)? as u64), username: r.get(1)?, password_hash: r.get(2)?, created_ms: r.get(3)? })
+    Ok(UserRecord {
+        id: UserId(r.get::<_, i64>(0)? as u64),
+        username: r.get(1)?,
+        password_hash: r.get(2)?,
+        created_ms: r.get(3)?,
+    })
 }
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
@@ -364,7 +441,12 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 
 impl Writer {
     fn new(conn: Connection) -> Writer {
-        Writer { conn, last_seq: HashMap::new(), last_pts: HashMap::new(), pairs: HashMap::new() }
+        Writer {
+            conn,
+            last_seq: HashMap::new(),
+            last_pts: HashMap::new(),
+            pairs: HashMap::new(),
+        }
     }
 
     fn run(mut self, rx: Receiver<WriteOp>, max_batch: usize) {
@@ -388,7 +470,9 @@ impl Writer {
             }
         }
         // Shutting down: fold the WAL back into the database file.
-        let _ = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
@@ -404,15 +488,23 @@ impl Writer {
         let mut deltas = Vec::new();
         for op in batch.drain(..) {
             if self.conn.execute_batch("SAVEPOINT op").is_err() {
-                pending.push(Self::reject(op, StoreError::Internal("savepoint failed".into())));
+                pending.push(Self::reject(
+                    op,
+                    StoreError::Internal("savepoint failed".into()),
+                ));
                 continue;
             }
             let mut delta = CacheDelta::default();
             let p = self.apply(op, &mut delta);
             let ok = !matches!(
                 &p,
-                Pending::User(_, Err(_)) | Pending::Device(_, Err(_)) | Pending::Unit(_, Err(_)) | Pending::Take(_, Err(_))
-                    | Pending::Send(_, Err(_)) | Pending::Read(_, Err(_)) | Pending::Delivered(_, Err(_))
+                Pending::User(_, Err(_))
+                    | Pending::Device(_, Err(_))
+                    | Pending::Unit(_, Err(_))
+                    | Pending::Take(_, Err(_))
+                    | Pending::Send(_, Err(_))
+                    | Pending::Read(_, Err(_))
+                    | Pending::Delivered(_, Err(_))
             );
             if ok {
                 let _ = self.conn.execute_batch("RELEASE op");
@@ -424,7 +516,10 @@ impl Writer {
         }
         match self.conn.execute_batch("COMMIT") {
             Ok(()) => {
-                if self.last_pts.len() > CACHE_MAX || self.last_seq.len() > CACHE_MAX || self.pairs.len() > CACHE_MAX {
+                if self.last_pts.len() > CACHE_MAX
+                    || self.last_seq.len() > CACHE_MAX
+                    || self.pairs.len() > CACHE_MAX
+                {
                     self.last_pts.clear();
                     self.last_seq.clear();
                     self.pairs.clear();
@@ -451,7 +546,8 @@ impl Writer {
                 self.last_seq.clear();
                 self.pairs.clear();
                 for p in pending {
-                    p.fail(StoreError::Internal("commit failed".into())).answer();
+                    p.fail(StoreError::Internal("commit failed".into()))
+                        .answer();
                 }
             }
         }
@@ -461,7 +557,9 @@ impl Writer {
         match op {
             WriteOp::CreateUser { tx, .. } => Pending::User(tx, Err(e)),
             WriteOp::RegisterDevice { tx, .. } => Pending::Device(tx, Err(e)),
-            WriteOp::Logout { tx, .. } | WriteOp::SetCursor { tx, .. } | WriteOp::PutRefresh { tx, .. } => Pending::Unit(tx, Err(e)),
+            WriteOp::Logout { tx, .. }
+            | WriteOp::SetCursor { tx, .. }
+            | WriteOp::PutRefresh { tx, .. } => Pending::Unit(tx, Err(e)),
             WriteOp::TakeRefresh { tx, .. } => Pending::Take(tx, Err(e)),
             WriteOp::Send { tx, .. } => Pending::Send(tx, Err(e)),
             WriteOp::Read { tx, .. } => Pending::Read(tx, Err(e)),
@@ -472,33 +570,82 @@ impl Writer {
 
     fn apply(&mut self, op: WriteOp, d: &mut CacheDelta) -> Pending {
         match op {
-            WriteOp::CreateUser { username, hash, now, tx } => Pending::User(tx, self.create_user(username, hash, now)),
-            WriteOp::RegisterDevice { user, device, platform, now, tx } => {
-                Pending::Device(tx, self.register_device(user, device, platform, now))
-            }
+            WriteOp::CreateUser {
+                username,
+                hash,
+                now,
+                tx,
+            } => Pending::User(tx, self.create_user(username, hash, now)),
+            WriteOp::RegisterDevice {
+                user,
+                device,
+                platform,
+                now,
+                tx,
+            } => Pending::Device(tx, self.register_device(user, device, platform, now)),
             WriteOp::Logout { user, device, tx } => Pending::Unit(tx, self.logout(user, &device)),
-            WriteOp::SetCursor { user, device, pts, tx } => Pending::Unit(tx, self.set_cursor(user, &device, pts)),
+            WriteOp::SetCursor {
+                user,
+                device,
+                pts,
+                tx,
+            } => Pending::Unit(tx, self.set_cursor(user, &device, pts)),
             WriteOp::PutRefresh { rec, tx } => Pending::Unit(tx, self.put_refresh(&rec)),
-            WriteOp::TakeRefresh { hash, new_hash, new_expires, now, tx } => {
-                Pending::Take(tx, self.take_refresh(hash, new_hash, new_expires, now))
-            }
+            WriteOp::TakeRefresh {
+                hash,
+                new_hash,
+                new_expires,
+                now,
+                tx,
+            } => Pending::Take(tx, self.take_refresh(hash, new_hash, new_expires, now)),
             WriteOp::Send { input, tx } => Pending::Send(tx, self.send(input, d)),
-            WriteOp::Read { user, conv, seq, tx } => Pending::Read(tx, self.read(user, conv, seq, d)),
-            WriteOp::Delivered { user, conv, seq, tx } => Pending::Delivered(tx, self.delivered(user, conv, seq)),
+            WriteOp::Read {
+                user,
+                conv,
+                seq,
+                tx,
+            } => Pending::Read(tx, self.read(user, conv, seq, d)),
+            WriteOp::Delivered {
+                user,
+                conv,
+                seq,
+                tx,
+            } => Pending::Delivered(tx, self.delivered(user, conv, seq)),
             WriteOp::Stop => Pending::Unit(oneshot::channel().0, Ok(())),
         }
     }
 
-    fn create_user(&mut self, username: String, hash: String, now: i64) -> Result<UserRecord, StoreError> {
-        let r = self.conn.prepare_cached("INSERT INTO users(username, password_hash, created_ms) VALUES(?1, ?2, ?3)").and_then(|mut s| s.execute(params![username, hash, now]));
+    fn create_user(
+        &mut self,
+        username: String,
+        hash: String,
+        now: i64,
+    ) -> Result<UserRecord, StoreError> {
+        let r = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO users(username, password_hash, created_ms) VALUES(?1, ?2, ?3)",
+            )
+            .and_then(|mut s| s.execute(params![username, hash, now]));
         match r {
-            Ok(_) => Ok(UserRecord { id: UserId(self.conn.last_insert_rowid() as u64), username, password_hash: hash, created_ms: now }),
+            Ok(_) => Ok(UserRecord {
+                id: UserId(self.conn.last_insert_rowid() as u64),
+                username,
+                password_hash: hash,
+                created_ms: now,
+            }),
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
             Err(e) => Err(internal(e)),
         }
     }
 
-    fn register_device(&mut self, user: UserId, device: String, platform: Platform, now: i64) -> Result<DeviceRecord, StoreError> {
+    fn register_device(
+        &mut self,
+        user: UserId,
+        device: String,
+        platform: Platform,
+        now: i64,
+    ) -> Result<DeviceRecord, StoreError> {
         let c = &self.conn;
         c.prepare_cached(
             "INSERT INTO devices(user_id, device_id, platform, cursor, token_epoch, last_login_ms) VALUES(?1, ?2, ?3, NULL, 0, ?4)
@@ -513,9 +660,11 @@ impl Writer {
 
     fn logout(&mut self, user: UserId, device: &str) -> Result<(), StoreError> {
         let c = &self.conn;
-        c.prepare_cached("UPDATE devices SET token_epoch = token_epoch + 1 WHERE user_id=?1 AND device_id=?2")
-            .and_then(|mut s| s.execute(params![user.0 as i64, device]))
-            .map_err(internal)?;
+        c.prepare_cached(
+            "UPDATE devices SET token_epoch = token_epoch + 1 WHERE user_id=?1 AND device_id=?2",
+        )
+        .and_then(|mut s| s.execute(params![user.0 as i64, device]))
+        .map_err(internal)?;
         c.prepare_cached("DELETE FROM refresh_tokens WHERE user_id=?1 AND device_id=?2")
             .and_then(|mut s| s.execute(params![user.0 as i64, device]))
             .map_err(internal)?;
@@ -538,10 +687,18 @@ impl Writer {
         Ok(())
     }
 
-    fn take_refresh(&mut self, hash: [u8; 32], new_hash: [u8; 32], new_expires: i64, now: i64) -> Result<TakeRefresh, StoreError> {
+    fn take_refresh(
+        &mut self,
+        hash: [u8; 32],
+        new_hash: [u8; 32],
+        new_expires: i64,
+        now: i64,
+    ) -> Result<TakeRefresh, StoreError> {
         let old = self
             .conn
-            .prepare_cached("SELECT user_id, device_id, platform, expires_ms FROM refresh_tokens WHERE hash=?1")
+            .prepare_cached(
+                "SELECT user_id, device_id, platform, expires_ms FROM refresh_tokens WHERE hash=?1",
+            )
             .and_then(|mut s| {
                 s.query_row(params![&hash[..]], |r| {
                     Ok(RefreshRecord {
@@ -555,7 +712,9 @@ impl Writer {
                 .optional()
             })
             .map_err(internal)?;
-        let Some(old) = old else { return Ok(TakeRefresh::Unknown) };
+        let Some(old) = old else {
+            return Ok(TakeRefresh::Unknown);
+        };
         self.conn
             .prepare_cached("DELETE FROM refresh_tokens WHERE hash=?1")
             .and_then(|mut s| s.execute(params![&hash[..]]))
@@ -563,7 +722,11 @@ impl Writer {
         if old.expires_ms <= now {
             return Ok(TakeRefresh::Expired);
         }
-        let new = RefreshRecord { hash: new_hash, expires_ms: new_expires, ..old };
+        let new = RefreshRecord {
+            hash: new_hash,
+            expires_ms: new_expires,
+            ..old
+        };
         self.put_refresh(&new)?;
         Ok(TakeRefresh::Rotated(new))
     }
@@ -595,7 +758,16 @@ impl Writer {
         Ok(s as u64)
     }
 
-    fn push_update(&mut self, user: UserId, kind: i64, conv: ConvId, seq: u64, msg_id: u64, actor: UserId, d: &mut CacheDelta) -> Result<u64, StoreError> {
+    fn push_update(
+        &mut self,
+        user: UserId,
+        kind: i64,
+        conv: ConvId,
+        seq: u64,
+        msg_id: u64,
+        actor: UserId,
+        d: &mut CacheDelta,
+    ) -> Result<u64, StoreError> {
         let pts = self.pts_of(user, d)? + 1;
         self.conn
             .prepare_cached("INSERT INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)")
@@ -606,15 +778,25 @@ impl Writer {
     }
 
     /// The direct conversation of a and b, created (with both member rows) if needed.
-    fn direct(&mut self, a: UserId, b: UserId, d: &mut CacheDelta) -> Result<ConvRecord, StoreError> {
+    fn direct(
+        &mut self,
+        a: UserId,
+        b: UserId,
+        d: &mut CacheDelta,
+    ) -> Result<ConvRecord, StoreError> {
         let (a, b) = if a <= b { (a, b) } else { (b, a) };
         if let Some(c) = self.pairs.get(&(a, b)) {
             return Ok(c.clone());
         }
         let found = self
             .conn
-            .prepare_cached("SELECT id, user_a, user_b FROM conversations WHERE user_a=?1 AND user_b=?2")
-            .and_then(|mut s| s.query_row(params![a.0 as i64, b.0 as i64], conv_row).optional())
+            .prepare_cached(
+                "SELECT id, user_a, user_b FROM conversations WHERE user_a=?1 AND user_b=?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![a.0 as i64, b.0 as i64], conv_row)
+                    .optional()
+            })
             .map_err(internal)?;
         if let Some(c) = found {
             d.pair = Some(c.clone());
@@ -644,7 +826,11 @@ impl Writer {
                 .and_then(|mut s| s.execute(params![u.0 as i64, id.0 as i64]))
                 .map_err(internal)?;
         }
-        let c = ConvRecord { id, user_a: a, user_b: b };
+        let c = ConvRecord {
+            id,
+            user_a: a,
+            user_b: b,
+        };
         d.pair = Some(c.clone());
         Ok(c)
     }
@@ -652,15 +838,31 @@ impl Writer {
     fn send(&mut self, i: SendInput, d: &mut CacheDelta) -> Result<SendOutcome, StoreError> {
         let dup = self
             .conn
-            .prepare_cached(&format!("SELECT {MESSAGE_COLS} FROM messages m WHERE m.sender_id=?1 AND m.client_msg_id=?2"))
-            .and_then(|mut s| s.query_row(params![i.sender.0 as i64, i.client_msg_id], |r| message_at(r, 0)).optional())
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages m WHERE m.sender_id=?1 AND m.client_msg_id=?2"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![i.sender.0 as i64, i.client_msg_id], |r| {
+                    message_at(r, 0)
+                })
+                .optional()
+            })
             .map_err(internal)?;
         if let Some(message) = dup {
-            return Ok(SendOutcome { message, sender_pts: 0, recipient_pts: 0, duplicate: true });
+            return Ok(SendOutcome {
+                message,
+                sender_pts: 0,
+                recipient_pts: 0,
+                duplicate: true,
+            });
         }
         let conv = self.direct(i.sender, i.recipient, d)?;
         let seq = self.seq_of(conv.id)? + 1;
-        let payload: Option<&[u8]> = if i.payload.is_empty() { None } else { Some(&i.payload) };
+        let payload: Option<&[u8]> = if i.payload.is_empty() {
+            None
+        } else {
+            Some(&i.payload)
+        };
         self.conn
             .prepare_cached(
                 "INSERT INTO messages(conv_id, seq, sender_id, recipient_id, kind, text, payload, client_msg_id, time_ms)
@@ -672,8 +874,10 @@ impl Writer {
             .map_err(internal)?;
         let id = self.conn.last_insert_rowid() as u64;
         d.seqs.push((conv.id, seq));
-        let sender_pts = self.push_update(i.sender, UPDATE_MESSAGE, conv.id, seq, id, i.sender, d)?;
-        let recipient_pts = self.push_update(i.recipient, UPDATE_MESSAGE, conv.id, seq, id, i.sender, d)?;
+        let sender_pts =
+            self.push_update(i.sender, UPDATE_MESSAGE, conv.id, seq, id, i.sender, d)?;
+        let recipient_pts =
+            self.push_update(i.recipient, UPDATE_MESSAGE, conv.id, seq, id, i.sender, d)?;
         self.conn
             .prepare_cached("INSERT OR IGNORE INTO unread(user_id, conv_id) VALUES(?1, ?2)")
             .and_then(|mut s| s.execute(params![i.recipient.0 as i64, conv.id.0 as i64]))
@@ -691,7 +895,12 @@ impl Writer {
             client_msg_id: i.client_msg_id,
             time_ms: i.now_ms,
         };
-        Ok(SendOutcome { message, sender_pts, recipient_pts, duplicate: false })
+        Ok(SendOutcome {
+            message,
+            sender_pts,
+            recipient_pts,
+            duplicate: false,
+        })
     }
 
     fn conv(&mut self, conv: ConvId) -> Result<ConvRecord, StoreError> {
@@ -702,7 +911,13 @@ impl Writer {
             .ok_or(StoreError::NotFound)
     }
 
-    fn read(&mut self, user: UserId, conv: ConvId, seq: u64, d: &mut CacheDelta) -> Result<ReadOutcome, StoreError> {
+    fn read(
+        &mut self,
+        user: UserId,
+        conv: ConvId,
+        seq: u64,
+        d: &mut CacheDelta,
+    ) -> Result<ReadOutcome, StoreError> {
         let c = self.conv(conv)?;
         if !c.has_member(user) {
             return Err(StoreError::NotFound);
@@ -715,7 +930,10 @@ impl Writer {
             .map_err(internal)?;
         let target = seq.min(last);
         if target <= current as u64 {
-            return Ok(ReadOutcome { read_seq: current as u64, moved: None });
+            return Ok(ReadOutcome {
+                read_seq: current as u64,
+                moved: None,
+            });
         }
         self.conn
             .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
@@ -730,10 +948,22 @@ impl Writer {
         let peer = c.peer_of(user);
         let reader_pts = self.push_update(user, UPDATE_READ, conv, target, 0, user, d)?;
         let peer_pts = self.push_update(peer, UPDATE_READ, conv, target, 0, user, d)?;
-        Ok(ReadOutcome { read_seq: target, moved: Some(ReadMoved { peer, reader_pts, peer_pts }) })
+        Ok(ReadOutcome {
+            read_seq: target,
+            moved: Some(ReadMoved {
+                peer,
+                reader_pts,
+                peer_pts,
+            }),
+        })
     }
 
-    fn delivered(&mut self, user: UserId, conv: ConvId, seq: u64) -> Result<(u64, UserId), StoreError> {
+    fn delivered(
+        &mut self,
+        user: UserId,
+        conv: ConvId,
+        seq: u64,
+    ) -> Result<(u64, UserId), StoreError> {
         let c = self.conv(conv)?;
         if !c.has_member(user) {
             return Err(StoreError::NotFound);
@@ -758,24 +988,44 @@ fn read_err(e: rusqlite::Error) -> StoreError {
 }
 
 impl Store for SqliteStore {
-    fn create_user(&self, username: String, password_hash: String, now_ms: i64) -> StoreFut<UserRecord> {
-        self.write(|tx| WriteOp::CreateUser { username, hash: password_hash, now: now_ms, tx })
+    fn create_user(
+        &self,
+        username: String,
+        password_hash: String,
+        now_ms: i64,
+    ) -> StoreFut<UserRecord> {
+        self.write(|tx| WriteOp::CreateUser {
+            username,
+            hash: password_hash,
+            now: now_ms,
+            tx,
+        })
     }
 
     fn user_by_name(&self, username: String) -> StoreFut<Option<UserRecord>> {
         self.read(move |c| {
-            c.prepare_cached("SELECT id, username, password_hash, created_ms FROM users WHERE username=?1")
-                .and_then(|mut s| s.query_row([username], user_row).optional())
-                .map_err(read_err)
+            c.prepare_cached(
+                "SELECT id, username, password_hash, created_ms FROM users WHERE username=?1",
+            )
+            .and_then(|mut s| s.query_row([username], user_row).optional())
+            .map_err(read_err)
         })
     }
 
     fn users_by_ids(&self, ids: Vec<UserId>) -> StoreFut<Vec<UserRecord>> {
         self.read(move |c| {
-            let mut s = c.prepare_cached("SELECT id, username, password_hash, created_ms FROM users WHERE id=?1").map_err(read_err)?;
+            let mut s = c
+                .prepare_cached(
+                    "SELECT id, username, password_hash, created_ms FROM users WHERE id=?1",
+                )
+                .map_err(read_err)?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
-                if let Some(u) = s.query_row([id.0 as i64], user_row).optional().map_err(read_err)? {
+                if let Some(u) = s
+                    .query_row([id.0 as i64], user_row)
+                    .optional()
+                    .map_err(read_err)?
+                {
                     out.push(u);
                 }
             }
@@ -785,7 +1035,11 @@ impl Store for SqliteStore {
 
     fn users_by_names(&self, names: Vec<String>) -> StoreFut<Vec<UserRecord>> {
         self.read(move |c| {
-            let mut s = c.prepare_cached("SELECT id, username, password_hash, created_ms FROM users WHERE username=?1").map_err(read_err)?;
+            let mut s = c
+                .prepare_cached(
+                    "SELECT id, username, password_hash, created_ms FROM users WHERE username=?1",
+                )
+                .map_err(read_err)?;
             let mut out = Vec::with_capacity(names.len());
             for n in names {
                 if let Some(u) = s.query_row([n], user_row).optional().map_err(read_err)? {
@@ -796,8 +1050,20 @@ impl Store for SqliteStore {
         })
     }
 
-    fn register_device(&self, user: UserId, device_id: String, platform: Platform, now_ms: i64) -> StoreFut<DeviceRecord> {
-        self.write(|tx| WriteOp::RegisterDevice { user, device: device_id, platform, now: now_ms, tx })
+    fn register_device(
+        &self,
+        user: UserId,
+        device_id: String,
+        platform: Platform,
+        now_ms: i64,
+    ) -> StoreFut<DeviceRecord> {
+        self.write(|tx| WriteOp::RegisterDevice {
+            user,
+            device: device_id,
+            platform,
+            now: now_ms,
+            tx,
+        })
     }
 
     fn device(&self, user: UserId, device_id: String) -> StoreFut<Option<DeviceRecord>> {
@@ -809,19 +1075,40 @@ impl Store for SqliteStore {
     }
 
     fn logout_device(&self, user: UserId, device_id: String) -> StoreFut<()> {
-        self.write(|tx| WriteOp::Logout { user, device: device_id, tx })
+        self.write(|tx| WriteOp::Logout {
+            user,
+            device: device_id,
+            tx,
+        })
     }
 
     fn set_cursor(&self, user: UserId, device_id: String, pts: u64) -> StoreFut<()> {
-        self.write(|tx| WriteOp::SetCursor { user, device: device_id, pts, tx })
+        self.write(|tx| WriteOp::SetCursor {
+            user,
+            device: device_id,
+            pts,
+            tx,
+        })
     }
 
     fn put_refresh(&self, rec: RefreshRecord) -> StoreFut<()> {
         self.write(|tx| WriteOp::PutRefresh { rec, tx })
     }
 
-    fn take_refresh(&self, hash: [u8; 32], replacement_hash: [u8; 32], replacement_expires_ms: i64, now_ms: i64) -> StoreFut<TakeRefresh> {
-        self.write(|tx| WriteOp::TakeRefresh { hash, new_hash: replacement_hash, new_expires: replacement_expires_ms, now: now_ms, tx })
+    fn take_refresh(
+        &self,
+        hash: [u8; 32],
+        replacement_hash: [u8; 32],
+        replacement_expires_ms: i64,
+        now_ms: i64,
+    ) -> StoreFut<TakeRefresh> {
+        self.write(|tx| WriteOp::TakeRefresh {
+            hash,
+            new_hash: replacement_hash,
+            new_expires: replacement_expires_ms,
+            now: now_ms,
+            tx,
+        })
     }
 
     fn user_pts(&self, user: UserId) -> StoreFut<u64> {
@@ -838,11 +1125,21 @@ impl Store for SqliteStore {
     }
 
     fn mark_read(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<ReadOutcome> {
-        self.write(|tx| WriteOp::Read { user, conv, seq, tx })
+        self.write(|tx| WriteOp::Read {
+            user,
+            conv,
+            seq,
+            tx,
+        })
     }
 
     fn mark_delivered(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<(u64, UserId)> {
-        self.write(|tx| WriteOp::Delivered { user, conv, seq, tx })
+        self.write(|tx| WriteOp::Delivered {
+            user,
+            conv,
+            seq,
+            tx,
+        })
     }
 
     fn sync(&self, user: UserId, since_pts: u64, limit: u32) -> StoreFut<SyncPage> {
@@ -880,7 +1177,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn unread_snapshot(&self, user: UserId, max_convs: u32, per_conv: u32) -> StoreFut<UnreadSnapshot> {
+    fn unread_snapshot(
+        &self,
+        user: UserId,
+        max_convs: u32,
+        per_conv: u32,
+    ) -> StoreFut<UnreadSnapshot> {
         self.read(move |c| {
             // One read transaction: the pts and the messages are one snapshot.
             c.execute_batch("BEGIN").map_err(read_err)?;
@@ -954,9 +1256,14 @@ impl Store for SqliteStore {
     fn direct_conversation(&self, a: UserId, b: UserId) -> StoreFut<Option<ConvRecord>> {
         let (a, b) = if a <= b { (a, b) } else { (b, a) };
         self.read(move |c| {
-            c.prepare_cached("SELECT id, user_a, user_b FROM conversations WHERE user_a=?1 AND user_b=?2")
-                .and_then(|mut s| s.query_row(params![a.0 as i64, b.0 as i64], conv_row).optional())
-                .map_err(read_err)
+            c.prepare_cached(
+                "SELECT id, user_a, user_b FROM conversations WHERE user_a=?1 AND user_b=?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![a.0 as i64, b.0 as i64], conv_row)
+                    .optional()
+            })
+            .map_err(read_err)
         })
     }
 
@@ -980,7 +1287,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn conversations(&self, user: UserId, offset: u32, limit: u32) -> StoreFut<(Vec<ConvSummary>, bool)> {
+    fn conversations(
+        &self,
+        user: UserId,
+        offset: u32,
+        limit: u32,
+    ) -> StoreFut<(Vec<ConvSummary>, bool)> {
         self.read(move |c| {
             c.execute_batch("BEGIN").map_err(read_err)?;
             let r = (|| {
