@@ -259,6 +259,7 @@ async fn run(guard: Guard, stream: TcpStream) {
         // 2. Closing and nothing in flight: say goodbye and go.
         let closing = conn.closing.borrow().clone();
         if (closing.is_some() || eof) && inflight.is_empty() {
+            tracing::debug!(conn = conn.id.0, ?closing, eof, "closing");
             if let Some(Closing::Kick(reason, why)) = closing {
                 let body = KickPush {
                     reason: reason as i32,
@@ -266,10 +267,7 @@ async fn run(guard: Guard, stream: TcpStream) {
                 }
                 .encode_to_vec();
                 let frame = mychat_codec::frame_bytes(Header::push(Command::Kick.id()), &body);
-                if reason == KickReason::SlowConsumer {
-                    // Whatever it has not read is dropped: the kick goes alone.
-                    conn.out.borrow_mut().clear();
-                }
+                // Queued after what is pending (a frame may be half written).
                 conn.push_response(&frame);
             }
             if !eof {

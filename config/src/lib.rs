@@ -458,6 +458,12 @@ impl Config {
             8,
             256,
         )?;
+        if m.max_text_len + m.max_payload_len + 1024 > s.max_frame_len as usize {
+            return Err(key_err(
+                "server.max_frame_len",
+                "must hold one message: at least messages.max_text_len + messages.max_payload_len + 1024",
+            ));
+        }
         let y = &self.sync;
         range("sync.max_page", y.max_page, 1, 10_000)?;
         range(

@@ -16,6 +16,28 @@ use mychat_proto::{
 };
 use std::rc::Rc;
 
+/// Room for a response's repeated field in one frame: max_frame_len minus the header
+/// and a margin for the response's other fields.
+fn budget(ctx: &ShardCtx) -> usize {
+    (ctx.shared.cfg.server.max_frame_len as usize).saturating_sub(8 + 256)
+}
+
+/// How many of `items` (taken from the front) fit in `budget` bytes as a repeated
+/// field; at least one is always allowed (config validation guarantees one message fits).
+fn fitting<T: prost::Message>(items: impl Iterator<Item = T>, budget: usize) -> usize {
+    let mut used = 0;
+    let mut n = 0;
+    for it in items {
+        let len = it.encoded_len();
+        used += len + 1 + prost::encoding::encoded_len_varint(len as u64);
+        if used > budget && n > 0 {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 fn me(conn: &ConnShared) -> ApiResult<crate::conn::Session> {
     conn.session()
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "log in first"))
@@ -260,7 +282,7 @@ pub async fn sync(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                 .set_cursor(s.user, s.device_id.to_string(), snap.pts)
                 .await?;
             conn.set_cursor(snap.pts);
-            let updates = snap
+            let mut updates: Vec<Update> = snap
                 .messages
                 .into_iter()
                 .map(|m| Update {
@@ -268,6 +290,8 @@ pub async fn sync(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                     event: Some(update::Event::Message(m)),
                 })
                 .collect();
+            // What does not fit one frame stays reachable through HISTORY.
+            updates.truncate(fitting(updates.iter().cloned(), budget(ctx)));
             return encode(&SyncResponse {
                 updates,
                 pts: snap.pts,
@@ -289,16 +313,20 @@ pub async fn sync(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         conn.set_cursor(since);
     }
     let page = store.sync(s.user, since, limit).await?;
-    let pts = page.updates.last().map(|(p, _)| *p).unwrap_or(since);
-    let updates = page
+    let mut updates: Vec<Update> = page
         .updates
         .into_iter()
         .map(|(p, e)| to_update(p, e))
         .collect();
+    // A page never outgrows one frame: what does not fit is the next page.
+    let n = fitting(updates.iter().cloned(), budget(ctx));
+    let has_more = page.has_more || n < updates.len();
+    updates.truncate(n);
+    let pts = updates.last().map(|u| u.pts).unwrap_or(since);
     encode(&SyncResponse {
         updates,
         pts,
-        has_more: page.has_more,
+        has_more,
         unread_snapshot: false,
     })
 }
@@ -353,11 +381,17 @@ pub async fn history(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> 
     } else {
         req.limit.min(max)
     };
-    let (messages, has_more) = ctx
+    let (mut messages, mut has_more) = ctx
         .shared
         .store
         .history(conv.id, req.before_seq, limit)
         .await?;
+    // Keep the newest that fit one frame; the older ones are the next page.
+    let n = fitting(messages.iter().rev().cloned(), budget(ctx));
+    if n < messages.len() {
+        messages.drain(..messages.len() - n);
+        has_more = true;
+    }
     encode(&HistoryResponse {
         conversation_id: conv.id.0,
         messages,
@@ -383,7 +417,7 @@ pub async fn conversations(
         .store
         .conversations(s.user, req.offset, limit)
         .await?;
-    let conversations = list
+    let mut conversations: Vec<Conversation> = list
         .into_iter()
         .map(|c| Conversation {
             id: c.conv.id.0,
@@ -397,6 +431,9 @@ pub async fn conversations(
             peer_delivered_seq: c.peer_delivered_seq,
         })
         .collect();
+    let n = fitting(conversations.iter().cloned(), budget(ctx));
+    let has_more = has_more || n < conversations.len();
+    conversations.truncate(n);
     encode(&ConversationsResponse {
         conversations,
         has_more,

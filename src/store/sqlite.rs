@@ -16,8 +16,9 @@
 //!   sink the batch), commits once — one fsync for the batch — and only then answers
 //!   every caller (group commit);
 //! - the writer caches each conversation's last seq and each user's last pts; it is the
-//!   only writer, so the caches are exact. They are updated only after a write's
-//!   savepoint is released, and dropped whole if a commit fails;
+//!   only writer, so the caches are exact. A write's changes go to a batch overlay when
+//!   its savepoint is released (later writes of the batch read through it), into the
+//!   caches when the batch commits, and are dropped whole if the commit fails;
 //! - reads run on the caller runtime's blocking pool with a pooled read-only connection
 //!   (WAL: readers never wait for the writer and see every committed write);
 //! - a checkpointer thread runs PASSIVE WAL checkpoints once a second, so the ack path
@@ -389,6 +390,11 @@ struct Writer {
     last_seq: HashMap<ConvId, u64>,
     last_pts: HashMap<UserId, u64>,
     pairs: HashMap<(UserId, UserId), ConvRecord>,
+    /// Changes made by the released writes of the batch being built, not yet
+    /// committed: consulted before the caches, merged into them on commit.
+    batch_seq: HashMap<ConvId, u64>,
+    batch_pts: HashMap<UserId, u64>,
+    pairs_pending: Vec<ConvRecord>,
 }
 
 /// Cache changes of one write, applied only once its savepoint is released.
@@ -446,6 +452,9 @@ impl Writer {
             last_seq: HashMap::new(),
             last_pts: HashMap::new(),
             pairs: HashMap::new(),
+            batch_seq: HashMap::new(),
+            batch_pts: HashMap::new(),
+            pairs_pending: Vec::new(),
         }
     }
 
@@ -485,7 +494,9 @@ impl Writer {
             }
             return;
         }
-        let mut deltas = Vec::new();
+        self.batch_seq.clear();
+        self.batch_pts.clear();
+        self.pairs_pending.clear();
         for op in batch.drain(..) {
             if self.conn.execute_batch("SAVEPOINT op").is_err() {
                 pending.push(Self::reject(
@@ -508,7 +519,11 @@ impl Writer {
             );
             if ok {
                 let _ = self.conn.execute_batch("RELEASE op");
-                deltas.push(delta);
+                self.batch_seq.extend(delta.seqs);
+                self.batch_pts.extend(delta.pts);
+                if let Some(c) = delta.pair {
+                    self.pairs_pending.push(c);
+                }
             } else {
                 let _ = self.conn.execute_batch("ROLLBACK TO op; RELEASE op");
             }
@@ -524,16 +539,10 @@ impl Writer {
                     self.last_seq.clear();
                     self.pairs.clear();
                 }
-                for d in deltas {
-                    for (c, s) in d.seqs {
-                        self.last_seq.insert(c, s);
-                    }
-                    for (u, p) in d.pts {
-                        self.last_pts.insert(u, p);
-                    }
-                    if let Some(c) = d.pair {
-                        self.pairs.insert((c.user_a, c.user_b), c);
-                    }
+                self.last_seq.extend(self.batch_seq.drain());
+                self.last_pts.extend(self.batch_pts.drain());
+                for c in self.pairs_pending.drain(..) {
+                    self.pairs.insert((c.user_a, c.user_b), c);
                 }
                 for p in pending {
                     p.answer();
@@ -542,6 +551,9 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed; the batch is refused");
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.batch_seq.clear();
+                self.batch_pts.clear();
+                self.pairs_pending.clear();
                 self.last_pts.clear();
                 self.last_seq.clear();
                 self.pairs.clear();
@@ -735,6 +747,9 @@ impl Writer {
         if let Some((_, p)) = d.pts.iter().rev().find(|(x, _)| *x == u) {
             return Ok(*p);
         }
+        if let Some(p) = self.batch_pts.get(&u) {
+            return Ok(*p);
+        }
         if let Some(p) = self.last_pts.get(&u) {
             return Ok(*p);
         }
@@ -747,6 +762,9 @@ impl Writer {
     }
 
     fn seq_of(&mut self, c: ConvId) -> Result<u64, StoreError> {
+        if let Some(s) = self.batch_seq.get(&c) {
+            return Ok(*s);
+        }
         if let Some(s) = self.last_seq.get(&c) {
             return Ok(*s);
         }
@@ -786,6 +804,13 @@ impl Writer {
     ) -> Result<ConvRecord, StoreError> {
         let (a, b) = if a <= b { (a, b) } else { (b, a) };
         if let Some(c) = self.pairs.get(&(a, b)) {
+            return Ok(c.clone());
+        }
+        if let Some(c) = self
+            .pairs_pending
+            .iter()
+            .find(|c| (c.user_a, c.user_b) == (a, b))
+        {
             return Ok(c.clone());
         }
         let found = self
@@ -878,6 +903,15 @@ impl Writer {
             self.push_update(i.sender, UPDATE_MESSAGE, conv.id, seq, id, i.sender, d)?;
         let recipient_pts =
             self.push_update(i.recipient, UPDATE_MESSAGE, conv.id, seq, id, i.sender, d)?;
+        // Sending implies having read the conversation up to one's own message.
+        self.conn
+            .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
+            .and_then(|mut s| s.execute(params![i.sender.0 as i64, conv.id.0 as i64, seq as i64]))
+            .map_err(internal)?;
+        self.conn
+            .prepare_cached("DELETE FROM unread WHERE user_id=?1 AND conv_id=?2")
+            .and_then(|mut s| s.execute(params![i.sender.0 as i64, conv.id.0 as i64]))
+            .map_err(internal)?;
         self.conn
             .prepare_cached("INSERT OR IGNORE INTO unread(user_id, conv_id) VALUES(?1, ?2)")
             .and_then(|mut s| s.execute(params![i.recipient.0 as i64, conv.id.0 as i64]))

@@ -36,6 +36,13 @@ impl TestServer {
     }
 
     pub async fn start_with(f: impl FnOnce(&mut Config)) -> TestServer {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = test_config(dir.path());
         f(&mut cfg);
