@@ -65,20 +65,20 @@ pub enum Push {
     Other(u16, Bytes),
 }
 
-type Pending = Arc<parking_lot_free::Map>;
+type Pending = Arc<waiters::Map>;
 
-mod parking_lot_free {
-    //! A tiny std-mutex map of waiters (kept off any async lock).
+mod waiters {
+    //! The requests waiting for their response, by seq. A std mutex (never held
+    //! across an await); `None` once the connection is gone.
     use super::*;
+    type Waiter = oneshot::Sender<Result<Bytes, ClientError>>;
     #[derive(Default)]
-    pub struct Map(
-        pub std::sync::Mutex<Option<HashMap<u32, oneshot::Sender<Result<Bytes, ClientError>>>>>,
-    );
+    pub struct Map(pub std::sync::Mutex<Option<HashMap<u32, Waiter>>>);
     impl Map {
         pub fn new() -> Map {
             Map(std::sync::Mutex::new(Some(HashMap::new())))
         }
-        pub fn insert(&self, seq: u32, tx: oneshot::Sender<Result<Bytes, ClientError>>) -> bool {
+        pub fn insert(&self, seq: u32, tx: Waiter) -> bool {
             match self.0.lock().unwrap().as_mut() {
                 Some(m) => {
                     m.insert(seq, tx);
@@ -87,7 +87,7 @@ mod parking_lot_free {
                 None => false,
             }
         }
-        pub fn take(&self, seq: u32) -> Option<oneshot::Sender<Result<Bytes, ClientError>>> {
+        pub fn take(&self, seq: u32) -> Option<Waiter> {
             self.0.lock().unwrap().as_mut().and_then(|m| m.remove(&seq))
         }
         pub fn close(&self) {
@@ -154,7 +154,7 @@ impl Client {
         let (r, w) = stream.into_split();
         let (out_tx, mut out_rx) = mpsc::channel::<Frame>(1024);
         let (push_tx, push_rx) = mpsc::channel(opts.push_buffer);
-        let pending: Pending = Arc::new(parking_lot_free::Map::new());
+        let pending: Pending = Arc::new(waiters::Map::new());
         let codec = FrameCodec::new(opts.max_frame_len);
         let writer = tokio::spawn(async move {
             let mut sink = FramedWrite::new(w, codec);

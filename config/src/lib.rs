@@ -396,7 +396,7 @@ impl Config {
         )?;
         if !a.token_key.is_empty() {
             let ok = a.token_key.len() >= 64
-                && a.token_key.len() % 2 == 0
+                && a.token_key.len().is_multiple_of(2)
                 && a.token_key.bytes().all(|b| b.is_ascii_hexdigit());
             if !ok {
                 return Err(key_err(

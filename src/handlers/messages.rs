@@ -222,7 +222,7 @@ pub async fn read(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         let to_peer = push_frame(
             Command::ReceiptPush,
             &ReceiptPush {
-                receipt: Some(receipt.clone()),
+                receipt: Some(receipt),
                 pts: mv.peer_pts,
             },
         );

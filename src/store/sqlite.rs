@@ -397,6 +397,16 @@ struct Writer {
     pairs_pending: Vec<ConvRecord>,
 }
 
+/// One row of the `updates` table, minus its user and pts.
+#[derive(Clone, Copy)]
+struct StreamEvent {
+    kind: i64,
+    conv: ConvId,
+    seq: u64,
+    msg_id: u64,
+    actor: UserId,
+}
+
 /// Cache changes of one write, applied only once its savepoint is released.
 #[derive(Default)]
 struct CacheDelta {
@@ -776,16 +786,20 @@ impl Writer {
         Ok(s as u64)
     }
 
+    /// Appends an event to `user`'s stream; returns its pts.
     fn push_update(
         &mut self,
         user: UserId,
-        kind: i64,
-        conv: ConvId,
-        seq: u64,
-        msg_id: u64,
-        actor: UserId,
+        ev: StreamEvent,
         d: &mut CacheDelta,
     ) -> Result<u64, StoreError> {
+        let StreamEvent {
+            kind,
+            conv,
+            seq,
+            msg_id,
+            actor,
+        } = ev;
         let pts = self.pts_of(user, d)? + 1;
         self.conn
             .prepare_cached("INSERT INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)")
@@ -899,10 +913,15 @@ impl Writer {
             .map_err(internal)?;
         let id = self.conn.last_insert_rowid() as u64;
         d.seqs.push((conv.id, seq));
-        let sender_pts =
-            self.push_update(i.sender, UPDATE_MESSAGE, conv.id, seq, id, i.sender, d)?;
-        let recipient_pts =
-            self.push_update(i.recipient, UPDATE_MESSAGE, conv.id, seq, id, i.sender, d)?;
+        let msg_event = StreamEvent {
+            kind: UPDATE_MESSAGE,
+            conv: conv.id,
+            seq,
+            msg_id: id,
+            actor: i.sender,
+        };
+        let sender_pts = self.push_update(i.sender, msg_event, d)?;
+        let recipient_pts = self.push_update(i.recipient, msg_event, d)?;
         // Sending implies having read the conversation up to one's own message.
         self.conn
             .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
@@ -980,8 +999,15 @@ impl Writer {
                 .map_err(internal)?;
         }
         let peer = c.peer_of(user);
-        let reader_pts = self.push_update(user, UPDATE_READ, conv, target, 0, user, d)?;
-        let peer_pts = self.push_update(peer, UPDATE_READ, conv, target, 0, user, d)?;
+        let read_event = StreamEvent {
+            kind: UPDATE_READ,
+            conv,
+            seq: target,
+            msg_id: 0,
+            actor: user,
+        };
+        let reader_pts = self.push_update(user, read_event, d)?;
+        let peer_pts = self.push_update(peer, read_event, d)?;
         Ok(ReadOutcome {
             read_seq: target,
             moved: Some(ReadMoved {
