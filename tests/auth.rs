@@ -331,3 +331,35 @@ async fn get_users_by_id_and_name() {
         ErrorCode::Unauthenticated
     );
 }
+
+#[tokio::test]
+async fn expired_refresh_token_is_token_expired() {
+    let s = TestServer::start_with(|c| {
+        c.auth.refresh_token_ttl_secs = 1;
+        c.auth.access_token_ttl_secs = 1;
+    })
+    .await;
+    s.register("alice").await;
+    let (_c, r) = s.login("alice", "dev-a", Platform::Desktop).await;
+    let t = r.tokens.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let c = s.client().await;
+    assert_eq!(
+        code(c.refresh(&t.refresh_token).await.unwrap_err()),
+        ErrorCode::TokenExpired
+    );
+    let e = c
+        .login(
+            Credential::AccessToken(t.access_token),
+            "dev-a",
+            Platform::Desktop,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), ErrorCode::TokenExpired);
+    // An expired refresh token is gone for good.
+    assert_eq!(
+        code(c.refresh(&t.refresh_token).await.unwrap_err()),
+        ErrorCode::InvalidCredentials
+    );
+}

@@ -219,3 +219,22 @@ proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn connections_past_the_limit_are_refused() {
+    let s = TestServer::start_with(|c| c.server.max_connections = 2).await;
+    let a = s.client().await;
+    let b = s.client().await;
+    a.heartbeat().await.unwrap();
+    b.heartbeat().await.unwrap();
+    let mut r = Raw::connect(&s.addr).await;
+    let f = r.frame().await.expect("an error frame");
+    assert_eq!((f.header.command, f.header.seq), (0, 0));
+    assert_eq!(error_of(&f).code, ErrorCode::Unavailable as u32);
+    r.expect_closed().await;
+    // A slot frees when a client leaves.
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let c = s.client().await;
+    c.heartbeat().await.unwrap();
+}

@@ -385,13 +385,13 @@ impl Config {
         range(
             "auth.access_token_ttl_secs",
             a.access_token_ttl_secs,
-            10,
+            1,
             365 * 86400,
         )?;
         range(
             "auth.refresh_token_ttl_secs",
             a.refresh_token_ttl_secs,
-            60,
+            1,
             3650 * 86400,
         )?;
         if !a.token_key.is_empty() {

@@ -1,0 +1,233 @@
+//! `mychat-cli` as a user runs it, against a real server on 127.0.0.1:0: register,
+//! send, recv (live on two devices, then offline catch-up), history, conversations,
+//! and a failure's exit code and stderr.
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+struct Env {
+    addr: String,
+    home: tempfile::TempDir,
+    _server: mychat::ServerHandle,
+    _data: tempfile::TempDir,
+}
+
+fn server() -> Env {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = mychat_config::Config::default();
+    cfg.server.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.data_dir = data.path().to_path_buf();
+    cfg.server.shards = 2;
+    cfg.auth.argon2_m_cost_kib = 64;
+    cfg.auth.argon2_t_cost = 1;
+    let h = mychat::start(cfg).unwrap();
+    Env {
+        addr: h.local_addr().to_string(),
+        home: tempfile::tempdir().unwrap(),
+        _server: h,
+        _data: data,
+    }
+}
+
+impl Env {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mychat-cli"));
+        c.env("MYCHAT_CLI_HOME", self.home.path())
+            .arg("--server")
+            .arg(&self.addr)
+            .args(args);
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+}
+
+fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn the_tour() {
+    let e = server();
+    assert!(e
+        .ok(&["register", "alice", "alice-secret"])
+        .contains("registered alice"));
+    e.ok(&["register", "bob", "bob-secret"]);
+    // A refusal: exit 1, the error's name and message on stderr.
+    let o = e.run(&["register", "alice", "alice-secret"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("CONFLICT (8): username is taken"));
+    let o = e.run(&[
+        "--user",
+        "bob",
+        "--password",
+        "wrong-pass",
+        "recv",
+        "--wait",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("INVALID_CREDENTIALS"));
+
+    // Bob listens on desktop and mobile; alice sends; both print it live.
+    let bob = ["--user", "bob", "--password", "bob-secret"];
+    let spawn_recv = |platform: &str| {
+        e.cmd(
+            &[
+                &bob[..],
+                &["--platform", platform, "recv", "--wait", "3", "--json"],
+            ]
+            .concat(),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let d1 = spawn_recv("desktop");
+    let d2 = spawn_recv("mobile");
+    std::thread::sleep(Duration::from_millis(1000));
+    let sent = e.ok(&[
+        "--user",
+        "alice",
+        "--password",
+        "alice-secret",
+        "send",
+        "bob",
+        "hello bob",
+    ]);
+    assert!(sent.contains("seq 1"), "{sent}");
+    for child in [d1, d2] {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let lines = json_lines(&String::from_utf8(o.stdout).unwrap());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let m = &lines[0];
+        assert_eq!(
+            (
+                m["from"].as_str(),
+                m["to"].as_str(),
+                m["text"].as_str(),
+                m["seq"].as_u64()
+            ),
+            (Some("alice"), Some("bob"), Some("hello bob"), Some(1))
+        );
+        assert!(
+            m["id"].as_u64().is_some()
+                && m["conversation"].as_u64().is_some()
+                && m["time"].as_i64().is_some()
+        );
+    }
+    // Offline: the next recv of the same device prints only what it missed.
+    e.ok(&[
+        "--user",
+        "alice",
+        "--password",
+        "alice-secret",
+        "send",
+        "bob",
+        "while you were away",
+    ]);
+    let out = e.ok(&[&bob[..], &["recv", "--wait", "1", "--json"]].concat());
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["text"], "while you were away");
+    assert_eq!(lines[0]["seq"], 2);
+    // And nothing the time after.
+    assert_eq!(
+        e.ok(&[&bob[..], &["recv", "--wait", "1", "--json"]].concat()),
+        ""
+    );
+    // History shows both.
+    let h = json_lines(&e.ok(&[&bob[..], &["history", "alice", "--json"]].concat()));
+    let texts: Vec<&str> = h.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec!["hello bob", "while you were away"]);
+    let h =
+        json_lines(&e.ok(&[&bob[..], &["history", "alice", "--limit", "1", "--json"]].concat()));
+    assert_eq!(h.len(), 1);
+    let c = json_lines(&e.ok(&[&bob[..], &["conversations", "--json"]].concat()));
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0]["peer"], "alice");
+    assert_eq!(c[0]["last_seq"], 2);
+    // An unknown peer.
+    let o = e.run(&[
+        "--user",
+        "alice",
+        "--password",
+        "alice-secret",
+        "send",
+        "nobody",
+        "x",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("NOT_FOUND"));
+    // The device id is kept per user and platform.
+    let devices = std::fs::read_to_string(e.home.path().join("devices.json")).unwrap();
+    assert!(devices.contains("bob/desktop") && devices.contains("bob/mobile"));
+}
+
+#[test]
+fn chat_sends_lines_and_prints_replies() {
+    let e = server();
+    e.ok(&["register", "alice", "alice-secret"]);
+    e.ok(&["register", "bob", "bob-secret"]);
+    let mut chat = e
+        .cmd(&[
+            "--user",
+            "alice",
+            "--password",
+            "alice-secret",
+            "chat",
+            "bob",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = chat.stdin.as_mut().unwrap();
+        stdin.write_all(b"first line\nsecond line\n").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    e.ok(&[
+        "--user",
+        "bob",
+        "--password",
+        "bob-secret",
+        "--platform",
+        "mobile",
+        "send",
+        "alice",
+        "reply",
+    ]);
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(chat.stdin.take()); // Ctrl-D
+    let o = chat.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("bob -> alice: reply"), "{out}");
+    let h = json_lines(&e.ok(&[
+        "--user",
+        "bob",
+        "--password",
+        "bob-secret",
+        "history",
+        "alice",
+        "--json",
+    ]));
+    let texts: Vec<&str> = h.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec!["first line", "second line", "reply"]);
+}
