@@ -9,6 +9,13 @@
 //! milliseconds with the best-documented durability. If the load benchmark shows the
 //! store bounding throughput, the alternatives go behind the same trait.
 //!
+//! Measured here with this schema (`cargo bench --bench store`: whole 1:1 sends of
+//! 120-byte texts between 1,000 users, each = message row + 2 index entries + 2
+//! stream rows + read/unread marks, fsync per commit), median of 20 samples:
+//! 1 in flight 2.4k msgs/s (every send pays its own fsync, ~410 µs), 64 in flight
+//! 9.6k msgs/s, 512 in flight 15.4k msgs/s — group commit buys 6×. At 512 the writer
+//! spends ~65 µs per message in SQLite's b-trees: that, not fsync, is the bound now.
+//!
 //! Shape:
 //! - one writer thread (`mychat-store-writer`) owns the only write connection. It
 //!   blocks for the first queued write, drains whatever else is queued (up to
