@@ -10,13 +10,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = SqliteStore::open(dir.path(), &mychat_config::StoreConfig::default()).unwrap();
+    let store: Arc<dyn Store> =
+        SqliteStore::open(dir.path(), &mychat_config::StoreConfig::default()).unwrap();
     let users: Vec<UserId> = rt.block_on(async {
         let mut v = Vec::new();
         for i in 0..1000 {
-            v.push(store.create_user(format!("user{i}"), "x".into(), 0).await.unwrap().id);
+            v.push(
+                store
+                    .create_user(format!("user{i}"), "x".into(), 0)
+                    .await
+                    .unwrap()
+                    .id,
+            );
         }
         v
     });
@@ -34,7 +45,11 @@ fn bench(c: &mut Criterion) {
                         let n = counter.fetch_add(1, Ordering::Relaxed);
                         let a = users[(n % 1000) as usize];
                         let b = users[((n * 7 + 1) % 1000) as usize];
-                        let b = if a == b { users[((n + 1) % 1000) as usize] } else { b };
+                        let b = if a == b {
+                            users[((n + 1) % 1000) as usize]
+                        } else {
+                            b
+                        };
                         futs.push(store.send_direct(SendInput {
                             sender: a,
                             recipient: b,
@@ -43,6 +58,7 @@ fn bench(c: &mut Criterion) {
                             text: text.clone(),
                             payload: bytes::Bytes::new(),
                             now_ms: n as i64,
+                            require_friend: false,
                         }));
                     }
                     for f in futs {

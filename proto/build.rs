@@ -5,6 +5,9 @@ fn main() {
         "proto/system.proto",
         "proto/auth.proto",
         "proto/message.proto",
+        "proto/friend.proto",
+        "proto/group.proto",
+        "proto/presence.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -67,6 +67,10 @@ pub struct ConnShared {
     closing: RefCell<Option<Closing>>,
     /// Set once a LOGIN succeeded on this connection (for login_timeout).
     logged_in_once: Cell<bool>,
+    /// Users whose presence this session subscribed to.
+    pub watching: RefCell<Vec<UserId>>,
+    /// TYPING token bucket: tokens and when it was last filled.
+    typing: Cell<(f64, std::time::Instant)>,
 }
 
 impl ConnShared {
@@ -121,6 +125,21 @@ impl ConnShared {
         }
     }
 
+    /// Takes one TYPING token (`rate` per second, burst twice that); false when none.
+    pub fn take_typing_token(&self, rate: u32) -> bool {
+        let (tokens, at) = self.typing.get();
+        let now = std::time::Instant::now();
+        let burst = 2.0 * rate as f64;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * rate as f64).min(burst);
+        if tokens >= 1.0 {
+            self.typing.set((tokens - 1.0, now));
+            true
+        } else {
+            self.typing.set((tokens, now));
+            false
+        }
+    }
+
     pub fn mark_logged_in(&self) {
         self.logged_in_once.set(true);
     }
@@ -131,6 +150,7 @@ impl ConnShared {
             conn: self.id,
             platform: s.platform,
             device_id: s.device_id.clone(),
+            away: false,
         })
     }
 }
@@ -170,6 +190,11 @@ pub fn spawn(ctx: Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
         session: RefCell::new(None),
         closing: RefCell::new(None),
         logged_in_once: Cell::new(false),
+        watching: RefCell::new(Vec::new()),
+        typing: Cell::new((
+            2.0 * ctx.shared.cfg.presence.typing_per_sec as f64,
+            std::time::Instant::now(),
+        )),
     });
     ctx.conns.borrow_mut().insert(id, conn.clone());
     let guard = Guard {

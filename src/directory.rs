@@ -24,6 +24,25 @@ pub struct SessionRef {
     pub conn: ConnId,
     pub platform: Platform,
     pub device_id: std::sync::Arc<str>,
+    /// The session set itself AWAY (PRESENCE_SET).
+    pub away: bool,
+}
+
+/// A user's presence aggregated over their sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aggregate {
+    Offline,
+    Online,
+    Away,
+}
+
+fn aggregate(list: Option<&Vec<SessionRef>>) -> Aggregate {
+    match list {
+        None => Aggregate::Offline,
+        Some(l) if l.is_empty() => Aggregate::Offline,
+        Some(l) if l.iter().any(|s| !s.away) => Aggregate::Online,
+        Some(_) => Aggregate::Away,
+    }
 }
 
 pub struct Directory {
@@ -47,10 +66,12 @@ impl Directory {
         &self.stripes[h as usize % STRIPES]
     }
 
-    /// Adds a session and returns the sessions the policy displaces (to be kicked).
-    /// The same device logging in again always displaces its older session.
-    pub fn register(&self, user: UserId, s: SessionRef) -> Vec<SessionRef> {
+    /// Adds a session and returns the sessions the policy displaces (to be kicked),
+    /// and the user's presence before and after. The same device logging in again
+    /// always displaces its older session.
+    pub fn register(&self, user: UserId, s: SessionRef) -> (Vec<SessionRef>, Aggregate, Aggregate) {
         let mut map = self.stripe(user).write();
+        let before = aggregate(map.get(&user));
         let list = map.entry(user).or_default();
         let mut kicked = Vec::new();
         list.retain(|o| {
@@ -69,18 +90,48 @@ impl Directory {
             kicked.push(list.remove(0));
         }
         list.push(s);
-        kicked
+        let after = aggregate(Some(list));
+        (kicked, before, after)
     }
 
-    /// Removes the session of `conn` on `shard`, if still registered.
-    pub fn unregister(&self, user: UserId, shard: ShardId, conn: ConnId) {
+    /// Removes the session of `conn` on `shard`, if still registered; returns the
+    /// user's presence before and after.
+    pub fn unregister(&self, user: UserId, shard: ShardId, conn: ConnId) -> (Aggregate, Aggregate) {
         let mut map = self.stripe(user).write();
+        let before = aggregate(map.get(&user));
         if let Some(list) = map.get_mut(&user) {
             list.retain(|o| !(o.conn == conn && o.shard == shard));
             if list.is_empty() {
                 map.remove(&user);
             }
         }
+        (before, aggregate(map.get(&user)))
+    }
+
+    /// Marks a session away or back; returns the user's presence before and after.
+    pub fn set_away(
+        &self,
+        user: UserId,
+        shard: ShardId,
+        conn: ConnId,
+        away: bool,
+    ) -> (Aggregate, Aggregate) {
+        let mut map = self.stripe(user).write();
+        let before = aggregate(map.get(&user));
+        if let Some(list) = map.get_mut(&user) {
+            for s in list
+                .iter_mut()
+                .filter(|s| s.conn == conn && s.shard == shard)
+            {
+                s.away = away;
+            }
+        }
+        (before, aggregate(map.get(&user)))
+    }
+
+    /// The user's presence now.
+    pub fn presence(&self, user: UserId) -> Aggregate {
+        aggregate(self.stripe(user).read().get(&user))
     }
 
     /// Calls `f` with the user's sessions (under the stripe's read lock: keep it short).
@@ -107,6 +158,7 @@ mod tests {
             conn: ConnId(conn),
             platform: p,
             device_id: dev.into(),
+            away: false,
         }
     }
 
@@ -114,17 +166,44 @@ mod tests {
     fn per_platform_kicks_same_platform_only() {
         let d = Directory::new(MultiDevice::PerPlatform, 8);
         let u = UserId(7);
-        assert!(d.register(u, s(0, 1, Platform::Desktop, "a")).is_empty());
-        assert!(d.register(u, s(1, 2, Platform::Mobile, "b")).is_empty());
-        let k = d.register(u, s(1, 3, Platform::Desktop, "c"));
+        let (k, before, after) = d.register(u, s(0, 1, Platform::Desktop, "a"));
+        assert!(k.is_empty());
+        assert_eq!((before, after), (Aggregate::Offline, Aggregate::Online));
+        assert!(d.register(u, s(1, 2, Platform::Mobile, "b")).0.is_empty());
+        let (k, _, _) = d.register(u, s(1, 3, Platform::Desktop, "c"));
         assert_eq!(k, vec![s(0, 1, Platform::Desktop, "a")]);
         assert_eq!(d.with_sessions(u, |l| l.len()), 2);
         // An old connection's unregister does not remove the new one.
         d.unregister(u, ShardId(0), ConnId(1));
         assert_eq!(d.with_sessions(u, |l| l.len()), 2);
         d.unregister(u, ShardId(1), ConnId(3));
-        d.unregister(u, ShardId(1), ConnId(2));
+        assert_eq!(
+            d.unregister(u, ShardId(1), ConnId(2)),
+            (Aggregate::Online, Aggregate::Offline)
+        );
         assert_eq!(d.session_count(), 0);
+    }
+
+    #[test]
+    fn away_aggregates_over_sessions() {
+        let d = Directory::new(MultiDevice::PerPlatform, 8);
+        let u = UserId(1);
+        d.register(u, s(0, 1, Platform::Desktop, "a"));
+        d.register(u, s(0, 2, Platform::Mobile, "b"));
+        assert_eq!(
+            d.set_away(u, ShardId(0), ConnId(1), true),
+            (Aggregate::Online, Aggregate::Online)
+        );
+        assert_eq!(
+            d.set_away(u, ShardId(0), ConnId(2), true),
+            (Aggregate::Online, Aggregate::Away)
+        );
+        assert_eq!(d.presence(u), Aggregate::Away);
+        assert_eq!(
+            d.set_away(u, ShardId(0), ConnId(1), false),
+            (Aggregate::Away, Aggregate::Online)
+        );
+        assert_eq!(d.presence(UserId(2)), Aggregate::Offline);
     }
 
     #[test]
@@ -132,18 +211,21 @@ mod tests {
         let d = Directory::new(MultiDevice::Single, 8);
         d.register(UserId(1), s(0, 1, Platform::Desktop, "a"));
         assert_eq!(
-            d.register(UserId(1), s(0, 2, Platform::Mobile, "b")).len(),
+            d.register(UserId(1), s(0, 2, Platform::Mobile, "b"))
+                .0
+                .len(),
             1
         );
         let d = Directory::new(MultiDevice::Multi, 2);
         d.register(UserId(1), s(0, 1, Platform::Desktop, "a"));
         assert!(d
             .register(UserId(1), s(0, 2, Platform::Desktop, "b"))
+            .0
             .is_empty());
-        let k = d.register(UserId(1), s(0, 3, Platform::Desktop, "c"));
+        let (k, _, _) = d.register(UserId(1), s(0, 3, Platform::Desktop, "c"));
         assert_eq!(k, vec![s(0, 1, Platform::Desktop, "a")]);
         // same device re-login displaces even under multi
-        let k = d.register(UserId(1), s(0, 4, Platform::Desktop, "c"));
+        let (k, _, _) = d.register(UserId(1), s(0, 4, Platform::Desktop, "c"));
         assert_eq!(k, vec![s(0, 3, Platform::Desktop, "c")]);
     }
 }

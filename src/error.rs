@@ -34,6 +34,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Conflict => ApiError::new(ErrorCode::Conflict, "already exists"),
             StoreError::NotFound => ApiError::not_found("not found"),
+            StoreError::Forbidden(m) => ApiError::new(ErrorCode::Forbidden, m),
+            StoreError::Limit(m) => ApiError::new(ErrorCode::PayloadTooLarge, m),
+            StoreError::Invalid(m) => ApiError::bad_request(m),
             StoreError::Unavailable(m) => ApiError::new(ErrorCode::Unavailable, m),
             StoreError::Internal(m) => {
                 tracing::error!(error = %m, "storage failure");

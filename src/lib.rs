@@ -9,7 +9,10 @@
 //!   bounded in-flight futures, coalesces writes, enforces timeouts and the outbound
 //!   bound.
 //! - [`router`]: command → handler, the login gate, panics → INTERNAL.
-//! - [`handlers`]: one module per domain (system, auth, messages).
+//! - [`handlers`]: one module per domain (system, auth, users, messages, friends,
+//!   groups, presence).
+//! - [`presence`]: presence watchers and last-seen times (aggregation lives in the
+//!   directory; pushes in each shard's presence task).
 //! - [`directory`]: user → live sessions, striped locks, read on every delivery.
 //! - [`auth`]: argon2id, signed access tokens, refresh tokens, throttling.
 //! - [`store`]: the `Store` trait and the embedded SQLite backend (group commit).
@@ -33,6 +36,7 @@ pub mod directory;
 pub mod error;
 pub mod handlers;
 pub mod ids;
+pub mod presence;
 pub mod router;
 pub mod server;
 pub mod shard;

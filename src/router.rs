@@ -70,16 +70,16 @@ async fn route(
     let Some(cmd) = cmd else {
         return Err(ApiError::new(ErrorCode::UnknownCommand, "unknown command"));
     };
-    if !cmd.allowed_before_login() && conn.user().is_none() {
-        // Push-only ids are unknown as requests whatever the state.
-        if !matches!(
-            cmd,
-            Command::Kick | Command::MessagePush | Command::ReceiptPush
-        ) {
-            return Err(ApiError::new(ErrorCode::Unauthenticated, "log in first"));
-        }
+    if cmd.is_push_only() {
+        return Err(ApiError::new(
+            ErrorCode::UnknownCommand,
+            "push-only command",
+        ));
     }
-    use handlers::{auth, messages, system};
+    if !cmd.allowed_before_login() && conn.user().is_none() {
+        return Err(ApiError::new(ErrorCode::Unauthenticated, "log in first"));
+    }
+    use handlers::{auth, friends, groups, messages, presence, system, users};
     match cmd {
         Command::Heartbeat => Ok(Bytes::new()),
         Command::Hello => system::hello(&ctx, body),
@@ -88,6 +88,8 @@ async fn route(
         Command::Refresh => auth::refresh(&ctx, body).await,
         Command::Logout => auth::logout(&ctx, &conn, body).await,
         Command::GetUsers => auth::get_users(&ctx, body).await,
+        Command::UpdateProfile => users::update_profile(&ctx, &conn, body).await,
+        Command::SearchUsers => users::search(&ctx, &conn, body).await,
         Command::SendMessage => messages::send(&ctx, &conn, body).await,
         Command::Delivered => messages::delivered(&ctx, &conn, body).await,
         Command::Read => messages::read(&ctx, &conn, body).await,
@@ -95,9 +97,58 @@ async fn route(
         Command::SyncAck => messages::sync_ack(&ctx, &conn, body).await,
         Command::History => messages::history(&ctx, &conn, body).await,
         Command::Conversations => messages::conversations(&ctx, &conn, body).await,
-        Command::Kick | Command::MessagePush | Command::ReceiptPush | Command::Unspecified => Err(
-            ApiError::new(ErrorCode::UnknownCommand, "push-only command"),
-        ),
+        Command::Recall => messages::recall(&ctx, &conn, body).await,
+        Command::DeleteForMe => messages::delete_for_me(&ctx, &conn, body).await,
+        Command::FriendRequest => friends::request(&ctx, &conn, body).await,
+        Command::FriendAccept => friends::answer(&ctx, &conn, body, true).await,
+        Command::FriendReject => friends::answer(&ctx, &conn, body, false).await,
+        Command::FriendRemove => friends::remove(&ctx, &conn, body).await,
+        Command::FriendRemark => friends::remark(&ctx, &conn, body).await,
+        Command::CategoryCreate => friends::category_create(&ctx, &conn, body).await,
+        Command::CategoryRename => friends::category_rename(&ctx, &conn, body).await,
+        Command::CategoryDelete => friends::category_delete(&ctx, &conn, body).await,
+        Command::FriendMove => friends::move_friend(&ctx, &conn, body).await,
+        Command::CategoryList => friends::category_list(&ctx, &conn, body).await,
+        Command::Block => friends::block(&ctx, &conn, body, true).await,
+        Command::Unblock => friends::block(&ctx, &conn, body, false).await,
+        Command::BlockList => friends::block_list(&ctx, &conn, body).await,
+        Command::FriendList => friends::list(&ctx, &conn, body).await,
+        Command::FriendRequests => friends::requests(&ctx, &conn, body).await,
+        Command::GroupCreate => groups::create(&ctx, &conn, body).await,
+        Command::GroupInfo => groups::info(&ctx, &conn, body).await,
+        Command::GroupUpdate => groups::update(&ctx, &conn, body).await,
+        Command::GroupDissolve => groups::simple(&ctx, &conn, body, true).await,
+        Command::GroupLeave => groups::simple(&ctx, &conn, body, false).await,
+        Command::GroupInvite => groups::invite(&ctx, &conn, body).await,
+        Command::GroupJoin => groups::join(&ctx, &conn, body).await,
+        Command::GroupJoinApprove => groups::answer(&ctx, &conn, body, true).await,
+        Command::GroupJoinReject => groups::answer(&ctx, &conn, body, false).await,
+        Command::GroupKick => groups::kick(&ctx, &conn, body).await,
+        Command::GroupSetRole => groups::set_role(&ctx, &conn, body).await,
+        Command::GroupTransfer => groups::transfer(&ctx, &conn, body).await,
+        Command::GroupMute => groups::mute(&ctx, &conn, body).await,
+        Command::GroupMembers => groups::members(&ctx, &conn, body).await,
+        Command::GroupList => groups::list(&ctx, &conn, body).await,
+        Command::GroupJoinRequests => groups::join_requests(&ctx, &conn, body).await,
+        Command::PresenceSet => presence::set(&ctx, &conn, body).await,
+        Command::PresenceGet => presence::get(&ctx, &conn, body).await,
+        Command::PresenceSubscribe => presence::subscribe(&ctx, &conn, body).await,
+        Command::Typing => presence::typing(&ctx, &conn, body).await,
+        Command::Kick
+        | Command::MessagePush
+        | Command::ReceiptPush
+        | Command::FriendRequestPush
+        | Command::FriendAnswerPush
+        | Command::FriendRemovedPush
+        | Command::GroupJoinRequestPush
+        | Command::GroupJoinAnswerPush
+        | Command::GroupMembershipPush
+        | Command::PresencePush
+        | Command::TypingPush
+        | Command::Unspecified => Err(ApiError::new(
+            ErrorCode::UnknownCommand,
+            "push-only command",
+        )),
     }
 }
 

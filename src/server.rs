@@ -36,6 +36,9 @@ pub struct Shared {
     pub connections: AtomicUsize,
     next_conn: AtomicU64,
     pub shutting_down: AtomicBool,
+    /// Sessions subscribed to users' presence.
+    pub watchers: crate::presence::Watchers,
+    pub last_seen: crate::presence::LastSeen,
 }
 
 impl Shared {
@@ -150,6 +153,8 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
         connections: AtomicUsize::new(0),
         next_conn: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
+        watchers: Default::default(),
+        last_seen: Default::default(),
         cfg,
     });
     let mut threads = Vec::with_capacity(n + 1);

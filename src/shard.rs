@@ -8,7 +8,7 @@
 //!   turn of the event loop and sent as one batch per destination shard.
 
 use crate::conn::{self, ConnShared};
-use crate::directory::SessionRef;
+use crate::directory::{Aggregate, SessionRef};
 use crate::ids::{ConnId, ShardId, UserId};
 use crate::server::Shared;
 use bytes::Bytes;
@@ -41,6 +41,9 @@ pub struct ShardCtx {
     outbox: RefCell<Vec<Vec<(ConnId, Bytes)>>>,
     outbox_ready: Notify,
     pub shutting_down: Cell<bool>,
+    /// Presence changes seen on this shard, waiting for the presence task.
+    presence_changes: RefCell<Vec<(UserId, Aggregate)>>,
+    presence_ready: Notify,
 }
 
 impl ShardCtx {
@@ -65,6 +68,32 @@ impl ShardCtx {
         }
     }
 
+    /// Queues `frame` for every live session of each user in `users` (a group's
+    /// members): one batch per destination shard, the frame shared, not copied.
+    pub fn deliver_to_users(&self, users: &[UserId], frame: &Bytes, skip: Option<ConnId>) {
+        for u in users {
+            self.deliver_to_user(*u, frame, skip);
+        }
+    }
+
+    /// Queues `frame` for one connection anywhere.
+    pub fn deliver_to_conn(&self, shard: ShardId, conn: ConnId, frame: &Bytes) {
+        if shard == self.id {
+            self.push_local(conn, frame.clone());
+        } else {
+            self.outbox.borrow_mut()[shard.0].push((conn, frame.clone()));
+            self.outbox_ready.notify_one();
+        }
+    }
+
+    /// Notes a user's presence change for the presence task.
+    pub fn presence_changed(&self, user: UserId, before: Aggregate, after: Aggregate) {
+        if before != after {
+            self.presence_changes.borrow_mut().push((user, after));
+            self.presence_ready.notify_one();
+        }
+    }
+
     /// Appends a frame to a local connection's outbound buffer.
     pub fn push_local(&self, conn: ConnId, frame: Bytes) {
         let c = self.conns.borrow().get(&conn).cloned();
@@ -84,6 +113,49 @@ impl ShardCtx {
                 .tx
                 .send(ShardMsg::Kick(s.conn, reason, why))
                 .await;
+        }
+    }
+}
+
+/// Pushes presence changes to friends and watchers, and records last-seen times.
+async fn presence_task(ctx: Rc<ShardCtx>) {
+    use mychat_proto::{Command, PresencePush, PresenceStatus, UserPresence};
+    use prost::Message as _;
+    loop {
+        ctx.presence_ready.notified().await;
+        let changes = std::mem::take(&mut *ctx.presence_changes.borrow_mut());
+        for (user, status) in changes {
+            let now = crate::router::now_ms();
+            let (st, last_seen) = match status {
+                Aggregate::Online => (PresenceStatus::Online, 0),
+                Aggregate::Away => (PresenceStatus::Away, 0),
+                Aggregate::Offline => {
+                    ctx.shared.last_seen.set(user, now);
+                    let _ = ctx.shared.store.set_last_seen(user, now).await;
+                    (PresenceStatus::Offline, now)
+                }
+            };
+            // The status may have moved on while we waited: push what holds now.
+            if ctx.shared.dir.presence(user) != status {
+                continue;
+            }
+            let push = PresencePush {
+                presence: Some(UserPresence {
+                    user_id: user.0,
+                    status: st as i32,
+                    last_seen_ms: last_seen,
+                }),
+            };
+            let frame = mychat_codec::frame_bytes(
+                mychat_codec::Header::push(Command::PresencePush.id()),
+                &push.encode_to_vec(),
+            );
+            if let Ok(friends) = ctx.shared.store.friend_ids(user).await {
+                ctx.deliver_to_users(&friends, &frame, None);
+            }
+            for (shard, conn) in ctx.shared.watchers.of(user) {
+                ctx.deliver_to_conn(shard, conn, &frame);
+            }
         }
     }
 }
@@ -127,9 +199,12 @@ pub fn run(id: ShardId, shared: Arc<Shared>, mut rx: mpsc::Receiver<ShardMsg>) {
         outbox: RefCell::new(vec![Vec::new(); n]),
         outbox_ready: Notify::new(),
         shutting_down: Cell::new(false),
+        presence_changes: RefCell::new(Vec::new()),
+        presence_ready: Notify::new(),
     });
     local.block_on(&rt, async move {
         tokio::task::spawn_local(flush_outbox(ctx.clone()));
+        tokio::task::spawn_local(presence_task(ctx.clone()));
         let mut buf = Vec::with_capacity(256);
         let mut deadline: Option<Instant> = None;
         loop {

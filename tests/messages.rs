@@ -11,6 +11,7 @@ use std::collections::HashSet;
 
 fn text(to: u64, id: &str, t: &str) -> pb::SendMessageRequest {
     pb::SendMessageRequest {
+        group_id: 0,
         to_user_id: to,
         client_msg_id: id.into(),
         kind: pb::MessageKind::Text as i32,
@@ -547,6 +548,7 @@ async fn sync_after_restart_and_seq_continues() {
     let (a, _) = s2.login("alice", "a", Platform::Desktop).await;
     let next = a
         .send(pb::SendMessageRequest {
+            group_id: 0,
             to_user_id: bob,
             client_msg_id: new_client_msg_id(),
             kind: 1,
@@ -560,6 +562,7 @@ async fn sync_after_restart_and_seq_continues() {
     // A resend of a pre-restart client id is still recognised.
     let again = a
         .send(pb::SendMessageRequest {
+            group_id: 0,
             to_user_id: bob,
             client_msg_id: "never-used".into(),
             kind: 1,
@@ -570,6 +573,7 @@ async fn sync_after_restart_and_seq_continues() {
         .unwrap();
     let dup = a
         .send(pb::SendMessageRequest {
+            group_id: 0,
             to_user_id: bob,
             client_msg_id: "never-used".into(),
             kind: 1,

@@ -65,6 +65,7 @@ async fn kill_9_right_after_acks_loses_nothing() {
                 for i in 0.. {
                     let text = format!("d{d}-k{k}-{i}");
                     let req = pb::SendMessageRequest {
+                        group_id: 0,
                         to_user_id: bob,
                         client_msg_id: text.clone(),
                         kind: 1,

@@ -62,7 +62,42 @@ pub enum Push {
     Message(pb::MessagePush),
     Receipt(pb::ReceiptPush),
     Kick(pb::KickPush),
+    FriendRequest(pb::FriendRequestPush),
+    FriendAnswer(pb::FriendAnswerPush),
+    FriendRemoved(pb::FriendRemovedPush),
+    GroupMembership(pb::GroupMembershipPush),
+    GroupJoinRequest(pb::GroupJoinRequestPush),
+    GroupJoinAnswer(pb::GroupJoinAnswerPush),
+    Presence(pb::PresencePush),
+    Typing(pb::TypingPush),
     Other(u16, Bytes),
+}
+
+fn decode_push(cmd: u16, body: Bytes) -> Result<Push, prost::DecodeError> {
+    Ok(match Command::from_id(cmd) {
+        Some(Command::MessagePush) => Push::Message(pb::MessagePush::decode(body)?),
+        Some(Command::ReceiptPush) => Push::Receipt(pb::ReceiptPush::decode(body)?),
+        Some(Command::Kick) => Push::Kick(pb::KickPush::decode(body)?),
+        Some(Command::FriendRequestPush) => {
+            Push::FriendRequest(pb::FriendRequestPush::decode(body)?)
+        }
+        Some(Command::FriendAnswerPush) => Push::FriendAnswer(pb::FriendAnswerPush::decode(body)?),
+        Some(Command::FriendRemovedPush) => {
+            Push::FriendRemoved(pb::FriendRemovedPush::decode(body)?)
+        }
+        Some(Command::GroupMembershipPush) => {
+            Push::GroupMembership(pb::GroupMembershipPush::decode(body)?)
+        }
+        Some(Command::GroupJoinRequestPush) => {
+            Push::GroupJoinRequest(pb::GroupJoinRequestPush::decode(body)?)
+        }
+        Some(Command::GroupJoinAnswerPush) => {
+            Push::GroupJoinAnswer(pb::GroupJoinAnswerPush::decode(body)?)
+        }
+        Some(Command::PresencePush) => Push::Presence(pb::PresencePush::decode(body)?),
+        Some(Command::TypingPush) => Push::Typing(pb::TypingPush::decode(body)?),
+        _ => Push::Other(cmd, body),
+    })
 }
 
 type Pending = Arc<waiters::Map>;
@@ -202,16 +237,7 @@ impl Client {
                             .await;
                     }
                 } else if h.is_push() {
-                    let push = match Command::from_id(h.command) {
-                        Some(Command::MessagePush) => {
-                            pb::MessagePush::decode(f.body.clone()).map(Push::Message)
-                        }
-                        Some(Command::ReceiptPush) => {
-                            pb::ReceiptPush::decode(f.body.clone()).map(Push::Receipt)
-                        }
-                        Some(Command::Kick) => pb::KickPush::decode(f.body.clone()).map(Push::Kick),
-                        _ => Ok(Push::Other(h.command, f.body.clone())),
-                    };
+                    let push = decode_push(h.command, f.body);
                     if let Ok(push) = push {
                         if push_tx.send(push).await.is_err() {
                             // Nobody listens for pushes: keep serving responses.
@@ -418,6 +444,7 @@ impl Client {
     ) -> Result<pb::SendMessageResponse, ClientError> {
         self.send(pb::SendMessageRequest {
             to_user_id,
+            group_id: 0,
             client_msg_id: new_client_msg_id(),
             kind: pb::MessageKind::Text as i32,
             text: text.into(),
@@ -488,6 +515,399 @@ impl Client {
     }
 }
 
+impl Client {
+    // --- users ---
+    pub async fn update_profile(
+        &self,
+        req: pb::UpdateProfileRequest,
+    ) -> Result<pb::User, ClientError> {
+        let r: pb::UpdateProfileResponse = self.call(Command::UpdateProfile, &req).await?;
+        r.user.ok_or_else(|| ClientError::Decode("no user".into()))
+    }
+    pub async fn search_users(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<pb::SearchUsersResponse, ClientError> {
+        self.call(
+            Command::SearchUsers,
+            &pb::SearchUsersRequest {
+                prefix: prefix.into(),
+                after_username: after.into(),
+                limit,
+            },
+        )
+        .await
+    }
+
+    // --- friends ---
+    /// Ok(true) when the other side had asked first: now friends.
+    pub async fn friend_request(&self, user_id: u64, message: &str) -> Result<bool, ClientError> {
+        let r: pb::FriendRequestResponse = self
+            .call(
+                Command::FriendRequest,
+                &pb::FriendRequestRequest {
+                    user_id,
+                    message: message.into(),
+                },
+            )
+            .await?;
+        Ok(r.accepted)
+    }
+    pub async fn friend_accept(&self, user_id: u64) -> Result<(), ClientError> {
+        let _: pb::FriendAnswerResponse = self
+            .call(Command::FriendAccept, &pb::FriendAnswerRequest { user_id })
+            .await?;
+        Ok(())
+    }
+    pub async fn friend_reject(&self, user_id: u64) -> Result<(), ClientError> {
+        let _: pb::FriendAnswerResponse = self
+            .call(Command::FriendReject, &pb::FriendAnswerRequest { user_id })
+            .await?;
+        Ok(())
+    }
+    pub async fn friend_remove(&self, user_id: u64) -> Result<(), ClientError> {
+        let _: pb::FriendRemoveResponse = self
+            .call(Command::FriendRemove, &pb::FriendRemoveRequest { user_id })
+            .await?;
+        Ok(())
+    }
+    pub async fn friend_remark(&self, user_id: u64, remark: &str) -> Result<(), ClientError> {
+        let _: pb::FriendRemarkResponse = self
+            .call(
+                Command::FriendRemark,
+                &pb::FriendRemarkRequest {
+                    user_id,
+                    remark: remark.into(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+    pub async fn category_create(&self, name: &str) -> Result<u64, ClientError> {
+        let r: pb::CategoryCreateResponse = self
+            .call(
+                Command::CategoryCreate,
+                &pb::CategoryCreateRequest { name: name.into() },
+            )
+            .await?;
+        Ok(r.category_id)
+    }
+    pub async fn category_rename(&self, category_id: u64, name: &str) -> Result<(), ClientError> {
+        let _: pb::CategoryRenameResponse = self
+            .call(
+                Command::CategoryRename,
+                &pb::CategoryRenameRequest {
+                    category_id,
+                    name: name.into(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+    pub async fn category_delete(&self, category_id: u64) -> Result<(), ClientError> {
+        let _: pb::CategoryDeleteResponse = self
+            .call(
+                Command::CategoryDelete,
+                &pb::CategoryDeleteRequest { category_id },
+            )
+            .await?;
+        Ok(())
+    }
+    pub async fn categories(&self) -> Result<Vec<pb::Category>, ClientError> {
+        let r: pb::CategoryListResponse = self
+            .call(Command::CategoryList, &pb::CategoryListRequest {})
+            .await?;
+        Ok(r.categories)
+    }
+    pub async fn friend_move(&self, user_id: u64, category_id: u64) -> Result<(), ClientError> {
+        let _: pb::FriendMoveResponse = self
+            .call(
+                Command::FriendMove,
+                &pb::FriendMoveRequest {
+                    user_id,
+                    category_id,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+    pub async fn block(&self, user_id: u64) -> Result<(), ClientError> {
+        let _: pb::BlockResponse = self
+            .call(Command::Block, &pb::BlockRequest { user_id })
+            .await?;
+        Ok(())
+    }
+    pub async fn unblock(&self, user_id: u64) -> Result<(), ClientError> {
+        let _: pb::BlockResponse = self
+            .call(Command::Unblock, &pb::BlockRequest { user_id })
+            .await?;
+        Ok(())
+    }
+    pub async fn blocked(&self) -> Result<Vec<pb::User>, ClientError> {
+        let r: pb::BlockListResponse = self
+            .call(Command::BlockList, &pb::BlockListRequest {})
+            .await?;
+        Ok(r.users)
+    }
+    pub async fn friends(
+        &self,
+        offset: u32,
+        limit: u32,
+    ) -> Result<pb::FriendListResponse, ClientError> {
+        self.call(
+            Command::FriendList,
+            &pb::FriendListRequest { offset, limit },
+        )
+        .await
+    }
+    pub async fn friend_requests(&self) -> Result<Vec<pb::PendingFriendRequest>, ClientError> {
+        let r: pb::FriendRequestsResponse = self
+            .call(Command::FriendRequests, &pb::FriendRequestsRequest {})
+            .await?;
+        Ok(r.requests)
+    }
+
+    // --- groups ---
+    pub async fn group_create(
+        &self,
+        name: &str,
+        member_ids: Vec<u64>,
+        policy: pb::JoinPolicy,
+    ) -> Result<pb::Group, ClientError> {
+        let r: pb::GroupCreateResponse = self
+            .call(
+                Command::GroupCreate,
+                &pb::GroupCreateRequest {
+                    name: name.into(),
+                    member_ids,
+                    join_policy: policy as i32,
+                },
+            )
+            .await?;
+        r.group
+            .ok_or_else(|| ClientError::Decode("no group".into()))
+    }
+    pub async fn group_info(&self, group_id: u64) -> Result<pb::GroupInfoResponse, ClientError> {
+        self.call(Command::GroupInfo, &pb::GroupInfoRequest { group_id })
+            .await
+    }
+    pub async fn group_update(
+        &self,
+        req: pb::GroupUpdateRequest,
+    ) -> Result<pb::Group, ClientError> {
+        let r: pb::GroupUpdateResponse = self.call(Command::GroupUpdate, &req).await?;
+        r.group
+            .ok_or_else(|| ClientError::Decode("no group".into()))
+    }
+    async fn group_ok<M: prost::Message>(&self, cmd: Command, m: &M) -> Result<(), ClientError> {
+        let _: pb::GroupOkResponse = self.call(cmd, m).await?;
+        Ok(())
+    }
+    pub async fn group_dissolve(&self, group_id: u64) -> Result<(), ClientError> {
+        self.group_ok(Command::GroupDissolve, &pb::GroupRef { group_id })
+            .await
+    }
+    pub async fn group_leave(&self, group_id: u64) -> Result<(), ClientError> {
+        self.group_ok(Command::GroupLeave, &pb::GroupRef { group_id })
+            .await
+    }
+    pub async fn group_invite(&self, group_id: u64, user_ids: Vec<u64>) -> Result<(), ClientError> {
+        self.group_ok(
+            Command::GroupInvite,
+            &pb::GroupUsersRequest { group_id, user_ids },
+        )
+        .await
+    }
+    /// Ok(true): joined; Ok(false): waiting for approval.
+    pub async fn group_join(&self, group_id: u64, message: &str) -> Result<bool, ClientError> {
+        let r: pb::GroupJoinResponse = self
+            .call(
+                Command::GroupJoin,
+                &pb::GroupJoinRequest {
+                    group_id,
+                    message: message.into(),
+                },
+            )
+            .await?;
+        Ok(r.joined)
+    }
+    pub async fn group_approve(&self, group_id: u64, user_id: u64) -> Result<(), ClientError> {
+        self.group_ok(
+            Command::GroupJoinApprove,
+            &pb::GroupUserRequest { group_id, user_id },
+        )
+        .await
+    }
+    pub async fn group_reject(&self, group_id: u64, user_id: u64) -> Result<(), ClientError> {
+        self.group_ok(
+            Command::GroupJoinReject,
+            &pb::GroupUserRequest { group_id, user_id },
+        )
+        .await
+    }
+    pub async fn group_kick(&self, group_id: u64, user_id: u64) -> Result<(), ClientError> {
+        self.group_ok(
+            Command::GroupKick,
+            &pb::GroupUserRequest { group_id, user_id },
+        )
+        .await
+    }
+    pub async fn group_transfer(&self, group_id: u64, user_id: u64) -> Result<(), ClientError> {
+        self.group_ok(
+            Command::GroupTransfer,
+            &pb::GroupUserRequest { group_id, user_id },
+        )
+        .await
+    }
+    pub async fn group_set_role(
+        &self,
+        group_id: u64,
+        user_id: u64,
+        role: pb::GroupRole,
+    ) -> Result<(), ClientError> {
+        self.group_ok(
+            Command::GroupSetRole,
+            &pb::GroupSetRoleRequest {
+                group_id,
+                user_id,
+                role: role as i32,
+            },
+        )
+        .await
+    }
+    pub async fn group_mute(
+        &self,
+        group_id: u64,
+        user_id: u64,
+        seconds: u32,
+    ) -> Result<(), ClientError> {
+        self.group_ok(
+            Command::GroupMute,
+            &pb::GroupMuteRequest {
+                group_id,
+                user_id,
+                seconds,
+            },
+        )
+        .await
+    }
+    pub async fn group_members(
+        &self,
+        group_id: u64,
+        offset: u32,
+        limit: u32,
+    ) -> Result<pb::GroupMembersResponse, ClientError> {
+        self.call(
+            Command::GroupMembers,
+            &pb::GroupMembersRequest {
+                group_id,
+                offset,
+                limit,
+            },
+        )
+        .await
+    }
+    pub async fn groups(&self) -> Result<Vec<pb::Group>, ClientError> {
+        let r: pb::GroupListResponse = self
+            .call(Command::GroupList, &pb::GroupListRequest {})
+            .await?;
+        Ok(r.groups)
+    }
+    pub async fn group_join_requests(
+        &self,
+        group_id: u64,
+    ) -> Result<Vec<pb::GroupJoinRequestPush>, ClientError> {
+        let r: pb::GroupJoinRequestsResponse = self
+            .call(Command::GroupJoinRequests, &pb::GroupRef { group_id })
+            .await?;
+        Ok(r.requests)
+    }
+    /// Sends a text to a group with a fresh client message id.
+    pub async fn send_group_text(
+        &self,
+        group_id: u64,
+        text: &str,
+    ) -> Result<pb::SendMessageResponse, ClientError> {
+        self.send(pb::SendMessageRequest {
+            to_user_id: 0,
+            group_id,
+            client_msg_id: new_client_msg_id(),
+            kind: pb::MessageKind::Text as i32,
+            text: text.into(),
+            payload: Bytes::new(),
+        })
+        .await
+    }
+
+    // --- recall, delete ---
+    pub async fn recall(&self, message_id: u64) -> Result<u64, ClientError> {
+        let r: pb::RecallResponse = self
+            .call(Command::Recall, &pb::RecallRequest { message_id })
+            .await?;
+        Ok(r.notice_seq)
+    }
+    pub async fn delete_for_me(&self, message_ids: Vec<u64>) -> Result<(), ClientError> {
+        let _: pb::DeleteForMeResponse = self
+            .call(
+                Command::DeleteForMe,
+                &pb::DeleteForMeRequest { message_ids },
+            )
+            .await?;
+        Ok(())
+    }
+
+    // --- presence ---
+    pub async fn presence_set(&self, status: pb::PresenceStatus) -> Result<(), ClientError> {
+        let _: pb::PresenceSetResponse = self
+            .call(
+                Command::PresenceSet,
+                &pb::PresenceSetRequest {
+                    status: status as i32,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+    pub async fn presence(&self, user_ids: Vec<u64>) -> Result<Vec<pb::UserPresence>, ClientError> {
+        let r: pb::PresenceGetResponse = self
+            .call(Command::PresenceGet, &pb::PresenceGetRequest { user_ids })
+            .await?;
+        Ok(r.presences)
+    }
+    pub async fn presence_subscribe(
+        &self,
+        user_ids: Vec<u64>,
+    ) -> Result<Vec<pb::UserPresence>, ClientError> {
+        let r: pb::PresenceSubscribeResponse = self
+            .call(
+                Command::PresenceSubscribe,
+                &pb::PresenceSubscribeRequest { user_ids },
+            )
+            .await?;
+        Ok(r.presences)
+    }
+    pub async fn typing(
+        &self,
+        to_user_id: u64,
+        group_id: u64,
+        typing: bool,
+    ) -> Result<(), ClientError> {
+        let _: pb::TypingResponse = self
+            .call(
+                Command::Typing,
+                &pb::TypingRequest {
+                    to_user_id,
+                    group_id,
+                    typing,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}
+
 /// A random client message id (128 bits, hex).
 pub fn new_client_msg_id() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -496,9 +916,17 @@ pub fn new_client_msg_id() -> String {
 /// What a [`Session`] yields.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A message, in the order of the user's stream (live or caught up by sync).
+    /// A message (1:1 in the order of the user's stream; group messages in each
+    /// group's seq order), live or caught up by sync.
     Message(pb::Message),
     Receipt(pb::Receipt),
+    Friend(pb::FriendEvent),
+    /// This user joined or left a group.
+    Group(pb::GroupMembership),
+    GroupJoinRequest(pb::GroupJoinRequestPush),
+    GroupJoinAnswer(pb::GroupJoinAnswerPush),
+    Presence(pb::UserPresence),
+    Typing(pb::TypingPush),
 }
 
 /// How a [`Session`] logs in.
@@ -522,9 +950,10 @@ pub struct Session {
     /// The last pts this device holds, once known.
     pts: Option<u64>,
     acked: Option<u64>,
+    /// Per group: the last seq this device holds.
+    group_seqs: HashMap<u64, u64>,
     queue: VecDeque<Event>,
     pub user_id: u64,
-    refresh_token: Option<String>,
 }
 
 impl Session {
@@ -536,9 +965,9 @@ impl Session {
             pushes: None,
             pts: None,
             acked: None,
+            group_seqs: HashMap::new(),
             queue: VecDeque::new(),
             user_id: 0,
-            refresh_token: None,
         };
         s.connect_once().await?;
         Ok(s)
@@ -561,14 +990,34 @@ impl Session {
             )
             .await?;
         self.user_id = r.user_id;
-        self.refresh_token = r.tokens.map(|t| t.refresh_token);
         let c = Arc::new(c);
         self.client = Some(c.clone());
         self.pushes = pushes;
         self.catch_up(&c).await
     }
 
-    /// Syncs from what this device holds (the server's cursor the first time).
+    fn stream_event(&mut self, ev: pb::update::Event) {
+        match ev {
+            pb::update::Event::Message(m) => {
+                if m.group_id != 0 {
+                    let last = self.group_seqs.entry(m.group_id).or_insert(0);
+                    *last = (*last).max(m.seq);
+                }
+                self.queue.push_back(Event::Message(m))
+            }
+            pb::update::Event::Receipt(r) => self.queue.push_back(Event::Receipt(r)),
+            pb::update::Event::Friend(f) => self.queue.push_back(Event::Friend(f)),
+            pb::update::Event::Group(g) => {
+                if !g.member {
+                    self.group_seqs.remove(&g.group_id);
+                }
+                self.queue.push_back(Event::Group(g))
+            }
+        }
+    }
+
+    /// Syncs from what this device holds (the server's cursor the first time), then
+    /// pulls the groups that moved on.
     async fn catch_up(&mut self, c: &Client) -> Result<(), ClientError> {
         let mut since = self.pts;
         loop {
@@ -577,10 +1026,8 @@ impl Session {
                 if u.pts != 0 && self.pts.is_some_and(|p| u.pts <= p) {
                     continue;
                 }
-                match u.event {
-                    Some(pb::update::Event::Message(m)) => self.queue.push_back(Event::Message(m)),
-                    Some(pb::update::Event::Receipt(r)) => self.queue.push_back(Event::Receipt(r)),
-                    None => {}
+                if let Some(ev) = u.event {
+                    self.stream_event(ev);
                 }
                 if u.pts != 0 {
                     self.pts = Some(u.pts);
@@ -589,7 +1036,63 @@ impl Session {
             self.pts = Some(self.pts.unwrap_or(0).max(page.pts));
             since = self.pts;
             if !page.has_more {
+                for h in page.groups {
+                    let from = self
+                        .group_seqs
+                        .get(&h.group_id)
+                        .copied()
+                        .unwrap_or(h.read_seq)
+                        .max(h.read_seq);
+                    if from < h.last_seq {
+                        self.pull_group(c, h.group_id, from).await?;
+                    }
+                }
                 return Ok(());
+            }
+        }
+    }
+
+    /// Fetches a group's messages after `from` into the queue.
+    async fn pull_group(
+        &mut self,
+        c: &Client,
+        group: u64,
+        mut from: u64,
+    ) -> Result<(), ClientError> {
+        loop {
+            let h = c
+                .history(pb::HistoryRequest {
+                    group_id: group,
+                    after_seq: from,
+                    limit: 0,
+                    ..Default::default()
+                })
+                .await?;
+            for m in h.messages {
+                from = from.max(m.seq);
+                self.group_seqs.insert(group, from);
+                self.queue.push_back(Event::Message(m));
+            }
+            if !h.has_more {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A live group message: in order → yield; old → drop; gap → pull.
+    async fn on_group(&mut self, m: pb::Message) -> Result<(), ClientError> {
+        let g = m.group_id;
+        let last = self.group_seqs.get(&g).copied();
+        match last {
+            Some(l) if m.seq <= l => Ok(()),
+            Some(l) if m.seq > l + 1 => {
+                let c = self.client.clone().ok_or(ClientError::Disconnected)?;
+                self.pull_group(&c, g, l).await
+            }
+            _ => {
+                self.group_seqs.insert(g, m.seq);
+                self.queue.push_back(Event::Message(m));
+                Ok(())
             }
         }
     }
@@ -628,25 +1131,79 @@ impl Session {
                 },
                 None => pushes.recv().await,
             };
-            match next {
+            let r = match next {
                 None => {
                     // Disconnected.
                     self.client = None;
                     self.pushes = None;
+                    Ok(())
                 }
-                Some(Push::Message(mp)) => {
-                    if let Some(m) = mp.message {
-                        self.on_stream(mp.pts, Event::Message(m)).await?;
+                Some(Push::Message(mp)) => match mp.message {
+                    Some(m) if m.group_id != 0 && mp.pts == 0 => self.on_group(m).await,
+                    Some(m) => self.on_stream(mp.pts, pb::update::Event::Message(m)).await,
+                    None => Ok(()),
+                },
+                Some(Push::Receipt(rp)) => match rp.receipt {
+                    Some(r) if rp.pts == 0 => {
+                        self.queue.push_back(Event::Receipt(r));
+                        Ok(())
                     }
+                    Some(r) => self.on_stream(rp.pts, pb::update::Event::Receipt(r)).await,
+                    None => Ok(()),
+                },
+                Some(Push::FriendRequest(p)) => {
+                    let ev = pb::FriendEvent {
+                        kind: pb::friend_event::Kind::RequestReceived as i32,
+                        user: p.from.map(|u| u.id).unwrap_or(0),
+                        message: p.message,
+                        time_ms: p.time_ms,
+                    };
+                    self.on_stream(p.pts, pb::update::Event::Friend(ev)).await
                 }
-                Some(Push::Receipt(rp)) => {
-                    if let Some(r) = rp.receipt {
-                        if rp.pts == 0 {
-                            self.queue.push_back(Event::Receipt(r));
-                        } else {
-                            self.on_stream(rp.pts, Event::Receipt(r)).await?;
-                        }
+                Some(Push::FriendAnswer(p)) => {
+                    let kind = if p.accepted {
+                        pb::friend_event::Kind::Accepted
+                    } else {
+                        pb::friend_event::Kind::Rejected
+                    };
+                    let ev = pb::FriendEvent {
+                        kind: kind as i32,
+                        user: p.user_id,
+                        message: String::new(),
+                        time_ms: 0,
+                    };
+                    self.on_stream(p.pts, pb::update::Event::Friend(ev)).await
+                }
+                Some(Push::FriendRemoved(p)) => {
+                    let ev = pb::FriendEvent {
+                        kind: pb::friend_event::Kind::Removed as i32,
+                        user: p.user_id,
+                        message: String::new(),
+                        time_ms: 0,
+                    };
+                    self.on_stream(p.pts, pb::update::Event::Friend(ev)).await
+                }
+                Some(Push::GroupMembership(p)) => match p.membership {
+                    Some(m) => self.on_stream(p.pts, pb::update::Event::Group(m)).await,
+                    None => Ok(()),
+                },
+                Some(Push::GroupJoinRequest(p)) => {
+                    self.queue.push_back(Event::GroupJoinRequest(p));
+                    Ok(())
+                }
+                Some(Push::GroupJoinAnswer(p)) => {
+                    self.queue.push_back(Event::GroupJoinAnswer(p));
+                    Ok(())
+                }
+                Some(Push::Presence(p)) => {
+                    if let Some(p) = p.presence {
+                        self.queue.push_back(Event::Presence(p));
                     }
+                    Ok(())
+                }
+                Some(Push::Typing(t)) => {
+                    self.queue.push_back(Event::Typing(t));
+                    Ok(())
                 }
                 Some(Push::Kick(k)) => {
                     let reason =
@@ -659,32 +1216,34 @@ impl Session {
                     ) {
                         return Err(ClientError::Kicked(k.message));
                     }
+                    Ok(())
                 }
-                Some(Push::Other(..)) => {}
+                Some(Push::Other(..)) => Ok(()),
+            };
+            match r {
+                Ok(()) => {}
+                Err(ClientError::Disconnected) | Err(ClientError::Timeout) => {
+                    self.client = None;
+                    self.pushes = None;
+                }
+                Err(e) => return Err(e),
             }
         }
     }
 
     /// A stream event with its pts: in order → yield; old → drop; gap → sync.
-    async fn on_stream(&mut self, pts: u64, ev: Event) -> Result<(), ClientError> {
+    async fn on_stream(&mut self, pts: u64, ev: pb::update::Event) -> Result<(), ClientError> {
         let have = self.pts.unwrap_or(0);
         if pts <= have {
             return Ok(());
         }
         if pts == have + 1 {
             self.pts = Some(pts);
-            self.queue.push_back(ev);
+            self.stream_event(ev);
             return Ok(());
         }
         let c = self.client.clone().ok_or(ClientError::Disconnected)?;
-        match self.catch_up(&c).await {
-            Ok(()) => Ok(()),
-            Err(ClientError::Disconnected) => {
-                self.client = None;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        self.catch_up(&c).await
     }
 
     async fn reconnect(

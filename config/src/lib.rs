@@ -131,6 +131,8 @@ pub struct MessagesConfig {
     pub max_text_len: usize,
     pub max_payload_len: usize,
     pub max_client_msg_id_len: usize,
+    pub recall_window_secs: u64,
+    pub max_delete_ids: usize,
 }
 
 impl Default for MessagesConfig {
@@ -139,6 +141,85 @@ impl Default for MessagesConfig {
             max_text_len: 16 * 1024,
             max_payload_len: 64 * 1024,
             max_client_msg_id_len: 64,
+            recall_window_secs: 120,
+            max_delete_ids: 100,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsersConfig {
+    pub max_nickname_len: usize,
+    pub max_avatar_len: usize,
+    pub max_signature_len: usize,
+    pub search_max_page: u32,
+}
+
+impl Default for UsersConfig {
+    fn default() -> Self {
+        UsersConfig {
+            max_nickname_len: 64,
+            max_avatar_len: 512,
+            max_signature_len: 256,
+            search_max_page: 50,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FriendsConfig {
+    /// Whether users who are not friends may message each other.
+    pub strangers_may_message: bool,
+    pub max_request_message_len: usize,
+    pub max_categories: usize,
+    pub list_max_page: u32,
+}
+
+impl Default for FriendsConfig {
+    fn default() -> Self {
+        FriendsConfig {
+            strangers_may_message: true,
+            max_request_message_len: 256,
+            max_categories: 50,
+            list_max_page: 200,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupsConfig {
+    pub max_members: u32,
+    pub max_name_len: usize,
+    pub members_max_page: u32,
+    pub max_groups_per_user: usize,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig {
+            max_members: 2000,
+            max_name_len: 64,
+            members_max_page: 500,
+            max_groups_per_user: 500,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    pub max_subscriptions: usize,
+    pub typing_per_sec: u32,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            max_subscriptions: 500,
+            typing_per_sec: 2,
         }
     }
 }
@@ -216,12 +297,18 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub messages: MessagesConfig,
+    pub users: UsersConfig,
+    pub friends: FriendsConfig,
+    pub groups: GroupsConfig,
+    pub presence: PresenceConfig,
     pub sync: SyncConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
 }
 
-const SECTIONS: [&str; 6] = ["server", "auth", "messages", "sync", "store", "log"];
+const SECTIONS: [&str; 10] = [
+    "server", "auth", "messages", "users", "friends", "groups", "presence", "sync", "store", "log",
+];
 
 impl Config {
     /// Loads `path` (or only the defaults when `None`), applies the process
@@ -464,6 +551,45 @@ impl Config {
                 "must hold one message: at least messages.max_text_len + messages.max_payload_len + 1024",
             ));
         }
+        range(
+            "messages.recall_window_secs",
+            m.recall_window_secs,
+            0,
+            30 * 86400,
+        )?;
+        range("messages.max_delete_ids", m.max_delete_ids, 1, 10_000)?;
+        let u = &self.users;
+        range("users.max_nickname_len", u.max_nickname_len, 1, 4096)?;
+        range("users.max_avatar_len", u.max_avatar_len, 1, 65536)?;
+        range("users.max_signature_len", u.max_signature_len, 1, 65536)?;
+        range("users.search_max_page", u.search_max_page, 1, 10_000)?;
+        let f = &self.friends;
+        range(
+            "friends.max_request_message_len",
+            f.max_request_message_len,
+            0,
+            65536,
+        )?;
+        range("friends.max_categories", f.max_categories, 0, 10_000)?;
+        range("friends.list_max_page", f.list_max_page, 1, 10_000)?;
+        let g = &self.groups;
+        range("groups.max_members", g.max_members, 2, 1_000_000)?;
+        range("groups.max_name_len", g.max_name_len, 1, 4096)?;
+        range("groups.members_max_page", g.members_max_page, 1, 100_000)?;
+        range(
+            "groups.max_groups_per_user",
+            g.max_groups_per_user,
+            1,
+            1_000_000,
+        )?;
+        let p = &self.presence;
+        range(
+            "presence.max_subscriptions",
+            p.max_subscriptions,
+            1,
+            100_000,
+        )?;
+        range("presence.typing_per_sec", p.typing_per_sec, 1, 1000)?;
         let y = &self.sync;
         range("sync.max_page", y.max_page, 1, 10_000)?;
         range(

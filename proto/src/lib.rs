@@ -97,6 +97,24 @@ impl Command {
         self as i32 as u16
     }
 
+    /// Commands the server only pushes; as requests they are unknown.
+    pub fn is_push_only(self) -> bool {
+        matches!(
+            self,
+            Command::Kick
+                | Command::MessagePush
+                | Command::ReceiptPush
+                | Command::FriendRequestPush
+                | Command::FriendAnswerPush
+                | Command::FriendRemovedPush
+                | Command::GroupJoinRequestPush
+                | Command::GroupJoinAnswerPush
+                | Command::GroupMembershipPush
+                | Command::PresencePush
+                | Command::TypingPush
+        )
+    }
+
     /// Whether a connection that has not logged in may use it (PROTOCOL.md).
     pub fn allowed_before_login(self) -> bool {
         matches!(

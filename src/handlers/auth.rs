@@ -243,8 +243,10 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
     let pts = store.user_pts(user.id).await?;
 
     // A re-login on a logged-in connection replaces its session.
-    if let Some(old) = conn.session.borrow_mut().take() {
-        ctx.shared.dir.unregister(old.user, ctx.id, conn.id);
+    let old = conn.session.borrow_mut().take();
+    if let Some(old) = old {
+        let (before, after) = ctx.shared.dir.unregister(old.user, ctx.id, conn.id);
+        ctx.presence_changed(old.user, before, after);
     }
     let session = Session {
         user: user.id,
@@ -256,7 +258,8 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
     *conn.session.borrow_mut() = Some(session);
     conn.mark_logged_in();
     let me = conn.session_ref(ctx).expect("session just set");
-    let displaced = ctx.shared.dir.register(user.id, me);
+    let (displaced, before, after) = ctx.shared.dir.register(user.id, me);
+    ctx.presence_changed(user.id, before, after);
     for s in displaced {
         ctx.kick(
             &s,
@@ -327,8 +330,10 @@ pub async fn logout(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
         .store
         .logout_device(s.user, s.device_id.to_string())
         .await?;
-    if let Some(s) = conn.session.borrow_mut().take() {
-        ctx.shared.dir.unregister(s.user, ctx.id, conn.id);
+    let old = conn.session.borrow_mut().take();
+    if let Some(s) = old {
+        let (before, after) = ctx.shared.dir.unregister(s.user, ctx.id, conn.id);
+        ctx.presence_changed(s.user, before, after);
     }
     encode(&LogoutResponse {})
 }
@@ -343,11 +348,7 @@ pub async fn get_users(ctx: &Rc<ShardCtx>, body: Bytes) -> ApiResult<Bytes> {
     }
     let store = &ctx.shared.store;
     let mut out: Vec<User> = Vec::new();
-    let to_user = |u: UserRecord| User {
-        id: u.id.0,
-        username: u.username,
-        created_ms: u.created_ms,
-    };
+    let to_user = |u: UserRecord| super::users::user_pb(&u);
     if !req.user_ids.is_empty() {
         out.extend(
             store

@@ -10,9 +10,11 @@ use bytes::Bytes;
 use mychat_codec::Header;
 use mychat_proto::{
     update, Command, Conversation, ConversationType, ConversationsRequest, ConversationsResponse,
-    DeliveredRequest, DeliveredResponse, ErrorCode, HistoryRequest, HistoryResponse, MessageKind,
-    MessagePush, ReadRequest, ReadResponse, Receipt, ReceiptKind, ReceiptPush, SendMessageRequest,
-    SendMessageResponse, SyncAckRequest, SyncAckResponse, SyncRequest, SyncResponse, Update,
+    DeleteForMeRequest, DeleteForMeResponse, DeliveredRequest, DeliveredResponse, ErrorCode,
+    FriendEvent, GroupHead, GroupMembership, HistoryRequest, HistoryResponse, MessageKind,
+    MessagePush, ReadRequest, ReadResponse, RecallRequest, RecallResponse, Receipt, ReceiptKind,
+    ReceiptPush, SendMessageRequest, SendMessageResponse, SyncAckRequest, SyncAckResponse,
+    SyncRequest, SyncResponse, Update,
 };
 use std::rc::Rc;
 
@@ -57,8 +59,13 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
             lim.max_client_msg_id_len
         )));
     }
-    if req.to_user_id == 0 {
-        return Err(ApiError::bad_request("to_user_id is missing"));
+    if req.to_user_id == 0 && req.group_id == 0 {
+        return Err(ApiError::bad_request("to_user_id or group_id is required"));
+    }
+    if req.to_user_id != 0 && req.group_id != 0 {
+        return Err(ApiError::bad_request(
+            "give to_user_id or group_id, not both",
+        ));
     }
     if req.to_user_id == s.user.0 {
         return Err(ApiError::bad_request("cannot send a message to yourself"));
@@ -104,18 +111,51 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         }
         _ => {}
     }
+    let input = SendInput {
+        sender: s.user,
+        recipient: UserId(req.to_user_id),
+        client_msg_id: req.client_msg_id,
+        kind: kind as i32,
+        text: req.text,
+        payload: req.payload,
+        now_ms: now_ms(),
+        require_friend: !ctx.shared.cfg.friends.strangers_may_message,
+    };
+    if req.group_id != 0 {
+        let out = ctx
+            .shared
+            .store
+            .send_group(req.group_id, input)
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound => ApiError::not_found("no such group"),
+                e => e.into(),
+            })?;
+        let m = &out.send.message;
+        if !out.send.duplicate {
+            // One encoding, shared by every member's connection.
+            let frame = push_frame(
+                Command::MessagePush,
+                &MessagePush {
+                    message: Some(m.clone()),
+                    pts: 0,
+                },
+            );
+            ctx.deliver_to_users(&out.members, &frame, Some(conn.id));
+        }
+        return encode(&SendMessageResponse {
+            message_id: m.id,
+            conversation_id: m.conversation_id,
+            seq: m.seq,
+            time_ms: m.time_ms,
+            duplicate: out.send.duplicate,
+            pts: 0,
+        });
+    }
     let out = ctx
         .shared
         .store
-        .send_direct(SendInput {
-            sender: s.user,
-            recipient: UserId(req.to_user_id),
-            client_msg_id: req.client_msg_id,
-            kind: kind as i32,
-            text: req.text,
-            payload: req.payload,
-            now_ms: now_ms(),
-        })
+        .send_direct(input)
         .await
         .map_err(|e| match e {
             crate::store::StoreError::NotFound => ApiError::not_found("no such user"),
@@ -174,6 +214,10 @@ pub async fn delivered(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -
                 e.into()
             }
         })?;
+    if peer.0 == 0 {
+        // A group: the mark is kept, not pushed to every member.
+        return encode(&DeliveredResponse {});
+    }
     let receipt = Receipt {
         conversation_id: req.conversation_id,
         user_id: s.user.0,
@@ -226,7 +270,9 @@ pub async fn read(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                 pts: mv.peer_pts,
             },
         );
-        ctx.deliver_to_user(mv.peer, &to_peer, None);
+        if let Some(peer) = mv.peer {
+            ctx.deliver_to_user(peer, &to_peer, None);
+        }
         let to_me = push_frame(
             Command::ReceiptPush,
             &ReceiptPush {
@@ -250,11 +296,45 @@ fn to_update(pts: u64, ev: UpdateEvent) -> Update {
             kind: ReceiptKind::ReceiptRead as i32,
             seq,
         }),
+        UpdateEvent::Friend {
+            kind,
+            user,
+            message,
+            time_ms,
+        } => update::Event::Friend(FriendEvent {
+            kind,
+            user: user.0,
+            message,
+            time_ms,
+        }),
+        UpdateEvent::Group {
+            group,
+            conv,
+            member,
+        } => update::Event::Group(GroupMembership {
+            group_id: group,
+            conversation_id: conv.0,
+            member,
+        }),
     };
     Update {
         pts,
         event: Some(event),
     }
+}
+
+/// The caller's groups with messages past their read mark (sent with the last page).
+async fn heads(ctx: &ShardCtx, user: UserId) -> ApiResult<Vec<GroupHead>> {
+    let heads = ctx.shared.store.group_heads(user).await?;
+    Ok(heads
+        .into_iter()
+        .map(|(g, conv, last, read)| GroupHead {
+            group_id: g,
+            conversation_id: conv.0,
+            last_seq: last,
+            read_seq: read,
+        })
+        .collect())
 }
 
 pub async fn sync(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
@@ -297,6 +377,7 @@ pub async fn sync(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                 pts: snap.pts,
                 has_more: false,
                 unread_snapshot: true,
+                groups: heads(ctx, s.user).await?,
             });
         }
     };
@@ -320,14 +401,25 @@ pub async fn sync(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         .collect();
     // A page never outgrows one frame: what does not fit is the next page.
     let n = fitting(updates.iter().cloned(), budget(ctx));
-    let has_more = page.has_more || n < updates.len();
+    let trimmed = n < updates.len();
+    let has_more = page.has_more || trimmed;
     updates.truncate(n);
-    let pts = updates.last().map(|u| u.pts).unwrap_or(since);
+    let pts = if trimmed {
+        updates.last().map(|u| u.pts).unwrap_or(since)
+    } else {
+        page.scanned_to
+    };
+    let groups = if has_more {
+        Vec::new()
+    } else {
+        heads(ctx, s.user).await?
+    };
     encode(&SyncResponse {
         updates,
         pts,
         has_more,
         unread_snapshot: false,
+        groups,
     })
 }
 
@@ -356,25 +448,48 @@ async fn conv_of(
     user: UserId,
     conversation_id: u64,
     peer: u64,
+    group: u64,
 ) -> ApiResult<ConvRecord> {
     let store = &ctx.shared.store;
-    let c = match (conversation_id, peer) {
-        (0, 0) => {
+    let c = match (conversation_id, peer, group) {
+        (0, 0, 0) => {
             return Err(ApiError::bad_request(
-                "conversation_id or peer_user_id is required",
+                "conversation_id, peer_user_id or group_id is required",
             ))
         }
-        (0, p) => store.direct_conversation(user, UserId(p)).await?,
-        (c, _) => store.conversation(ConvId(c)).await?,
+        (0, 0, g) => match store.group_info(g).await? {
+            Some(info) => store.conversation(info.conv).await?,
+            None => None,
+        },
+        (0, p, _) => store.direct_conversation(user, UserId(p)).await?,
+        (c, _, _) => store.conversation(ConvId(c)).await?,
+    };
+    let Some(c) = c else {
+        return Err(not_found_conv());
     };
     // Not visible to non-members: NOT_FOUND, as if it did not exist.
-    c.filter(|c| c.has_member(user)).ok_or_else(not_found_conv)
+    let visible = if c.is_group() {
+        store.is_member(c.id, user).await?
+    } else {
+        c.has_member(user)
+    };
+    if !visible {
+        return Err(not_found_conv());
+    }
+    Ok(c)
 }
 
 pub async fn history(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
     let s = me(conn)?;
     let req: HistoryRequest = decode(body)?;
-    let conv = conv_of(ctx, s.user, req.conversation_id, req.peer_user_id).await?;
+    let conv = conv_of(
+        ctx,
+        s.user,
+        req.conversation_id,
+        req.peer_user_id,
+        req.group_id,
+    )
+    .await?;
     let max = ctx.shared.cfg.sync.history_max_page;
     let limit = if req.limit == 0 {
         max
@@ -384,13 +499,22 @@ pub async fn history(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> 
     let (mut messages, mut has_more) = ctx
         .shared
         .store
-        .history(conv.id, req.before_seq, limit)
+        .history(s.user, conv.id, req.before_seq, req.after_seq, limit)
         .await?;
-    // Keep the newest that fit one frame; the older ones are the next page.
-    let n = fitting(messages.iter().rev().cloned(), budget(ctx));
-    if n < messages.len() {
-        messages.drain(..messages.len() - n);
-        has_more = true;
+    if req.after_seq > 0 {
+        // Forward: keep the oldest that fit; the rest is the next page.
+        let n = fitting(messages.iter().cloned(), budget(ctx));
+        if n < messages.len() {
+            messages.truncate(n);
+            has_more = true;
+        }
+    } else {
+        // Backward: keep the newest that fit; the older ones are the next page.
+        let n = fitting(messages.iter().rev().cloned(), budget(ctx));
+        if n < messages.len() {
+            messages.drain(..messages.len() - n);
+            has_more = true;
+        }
     }
     encode(&HistoryResponse {
         conversation_id: conv.id.0,
@@ -421,8 +545,17 @@ pub async fn conversations(
         .into_iter()
         .map(|c| Conversation {
             id: c.conv.id.0,
-            r#type: ConversationType::Direct as i32,
-            peer_user_id: c.conv.peer_of(s.user).0,
+            r#type: if c.conv.is_group() {
+                ConversationType::Group
+            } else {
+                ConversationType::Direct
+            } as i32,
+            peer_user_id: if c.conv.is_group() {
+                0
+            } else {
+                c.conv.peer_of(s.user).0
+            },
+            group_id: c.conv.group_id,
             last_message: c.last_message,
             last_seq: c.last_seq,
             read_seq: c.read_seq,
@@ -438,4 +571,76 @@ pub async fn conversations(
         conversations,
         has_more,
     })
+}
+
+pub async fn recall(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
+    let s = me(conn)?;
+    let req: RecallRequest = decode(body)?;
+    if req.message_id == 0 {
+        return Err(ApiError::bad_request("message_id is required"));
+    }
+    let window = ctx.shared.cfg.messages.recall_window_secs as i64 * 1000;
+    let out = ctx
+        .shared
+        .store
+        .recall(s.user, req.message_id, now_ms(), window)
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound => ApiError::not_found("no such message"),
+            crate::store::StoreError::Conflict => {
+                ApiError::new(ErrorCode::Conflict, "already recalled")
+            }
+            e => e.into(),
+        })?;
+    if let Some(members) = &out.group_members {
+        let frame = push_frame(
+            Command::MessagePush,
+            &MessagePush {
+                message: Some(out.notice.clone()),
+                pts: 0,
+            },
+        );
+        ctx.deliver_to_users(members, &frame, None);
+    }
+    for (u, pts) in &out.direct {
+        let frame = push_frame(
+            Command::MessagePush,
+            &MessagePush {
+                message: Some(out.notice.clone()),
+                pts: *pts,
+            },
+        );
+        ctx.deliver_to_user(*u, &frame, None);
+    }
+    encode(&RecallResponse {
+        notice_seq: out.notice.seq,
+    })
+}
+
+pub async fn delete_for_me(
+    ctx: &Rc<ShardCtx>,
+    conn: &Rc<ConnShared>,
+    body: Bytes,
+) -> ApiResult<Bytes> {
+    let s = me(conn)?;
+    let req: DeleteForMeRequest = decode(body)?;
+    let max = ctx.shared.cfg.messages.max_delete_ids;
+    if req.message_ids.is_empty() || req.message_ids.contains(&0) {
+        return Err(ApiError::bad_request("message_ids are required"));
+    }
+    if req.message_ids.len() > max {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("at most {max} ids"),
+        ));
+    }
+    ctx.shared
+        .store
+        .hide(s.user, req.message_ids)
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound => ApiError::not_found("no such message"),
+            e => e.into(),
+        })?;
+    encode(&DeleteForMeResponse {})
 }

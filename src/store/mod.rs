@@ -27,6 +27,16 @@ pub enum StoreError {
     Conflict,
     #[error("not found")]
     NotFound,
+    /// Not allowed (not a member, the role does not allow it, blocked, muted …); the
+    /// text says why and is shown to the client.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A configured bound would be passed (group size …); shown to the client.
+    #[error("over a limit: {0}")]
+    Limit(String),
+    /// The request contradicts the data (asking oneself, a role that cannot be set …).
+    #[error("invalid: {0}")]
+    Invalid(String),
     /// The write queue is full or the store is shutting down.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -41,6 +51,11 @@ pub struct UserRecord {
     pub username: String,
     pub password_hash: String,
     pub created_ms: i64,
+    pub nickname: String,
+    pub avatar: String,
+    pub signature: String,
+    /// When the user's last session ended (0: never, or not recorded yet).
+    pub last_seen_ms: i64,
 }
 
 /// One device of a user as the server remembers it.
@@ -83,6 +98,9 @@ pub struct SendInput {
     pub text: String,
     pub payload: bytes::Bytes,
     pub now_ms: i64,
+    /// Refuse unless sender and recipient are friends (friends.strangers_may_message
+    /// off). A recipient who blocked the sender is always refused.
+    pub require_friend: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -103,7 +121,9 @@ pub struct ReadOutcome {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadMoved {
-    pub peer: UserId,
+    /// The peer of a DIRECT conversation (None for groups: their read marks are not
+    /// pushed to every member).
+    pub peer: Option<UserId>,
     pub reader_pts: u64,
     pub peer_pts: u64,
 }
@@ -117,12 +137,28 @@ pub enum UpdateEvent {
         reader: UserId,
         seq: u64,
     },
+    /// A friend event: `kind` is `FriendEvent.Kind`.
+    Friend {
+        kind: i32,
+        user: UserId,
+        message: String,
+        time_ms: i64,
+    },
+    /// The user joined (`member`) or left a group.
+    Group {
+        group: u64,
+        conv: ConvId,
+        member: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
 pub struct SyncPage {
     pub updates: Vec<(u64, UpdateEvent)>,
     pub has_more: bool,
+    /// The pts of the last stream entry this page covered (entries deleted for the
+    /// user are skipped, but the cursor moves past them).
+    pub scanned_to: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -138,11 +174,17 @@ pub struct ConvRecord {
     /// The two members of a direct conversation, smaller id first.
     pub user_a: UserId,
     pub user_b: UserId,
+    /// The group of a GROUP conversation (0 for direct; then user_a/user_b are 0).
+    pub group_id: u64,
 }
 
 impl ConvRecord {
+    pub fn is_group(&self) -> bool {
+        self.group_id != 0
+    }
+    /// Membership of a DIRECT conversation (groups: ask the store).
     pub fn has_member(&self, u: UserId) -> bool {
-        self.user_a == u || self.user_b == u
+        !self.is_group() && (self.user_a == u || self.user_b == u)
     }
     pub fn peer_of(&self, u: UserId) -> UserId {
         if self.user_a == u {
@@ -161,6 +203,124 @@ pub struct ConvSummary {
     pub read_seq: u64,
     pub peer_read_seq: u64,
     pub peer_delivered_seq: u64,
+}
+
+/// A group as the handlers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub id: u64,
+    pub conv: ConvId,
+    pub name: String,
+    pub owner: UserId,
+    pub member_count: u32,
+    pub join_policy: i32,
+    pub mute_all: bool,
+    pub created_ms: i64,
+    pub last_seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMemberRec {
+    pub user: UserId,
+    pub role: i32,
+    pub joined_ms: i64,
+    pub muted_until_ms: i64,
+}
+
+/// A change to a group, as committed.
+#[derive(Clone, Debug)]
+pub struct GroupChange {
+    pub info: GroupInfo,
+    /// The SYSTEM message that announces it in the group's conversation.
+    pub notice: Option<Message>,
+    /// The members after the change (the notice goes to them …).
+    pub members: std::sync::Arc<Vec<UserId>>,
+    /// … and to those it removed.
+    pub removed: Vec<UserId>,
+    /// Membership events written to users' streams: (user, pts, member now).
+    pub membership: Vec<(UserId, u64, bool)>,
+}
+
+/// What a group operation does (the actor and the group are given beside it).
+#[derive(Clone, Debug)]
+pub enum GroupOp {
+    Update {
+        name: Option<String>,
+        join_policy: Option<i32>,
+        mute_all: Option<bool>,
+    },
+    Dissolve,
+    Invite(Vec<UserId>),
+    Leave,
+    Kick(UserId),
+    SetRole(UserId, i32),
+    Transfer(UserId),
+    Mute(UserId, i64),
+    Answer(UserId, bool),
+}
+
+#[derive(Clone, Debug)]
+pub enum JoinOutcome {
+    Joined(Box<GroupChange>),
+    /// Waiting for approval; the owner and admins to tell.
+    Requested {
+        approvers: Vec<UserId>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct GroupSendOutcome {
+    pub send: SendOutcome,
+    pub members: std::sync::Arc<Vec<UserId>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FriendRequestOutcome {
+    /// Stored; the receiver's pts for the request event.
+    Requested { to_pts: u64 },
+    /// They had asked first: now friends. Each side's pts for the ACCEPTED event.
+    Accepted { my_pts: u64, their_pts: u64 },
+}
+
+/// Each side's pts for a friend event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FriendPts {
+    pub me: u64,
+    pub them: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct FriendRec {
+    pub user: UserRecord,
+    pub remark: String,
+    pub category: u64,
+    pub since_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PendingFriend {
+    pub user: UserRecord,
+    pub message: String,
+    pub time_ms: i64,
+    pub incoming: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct RecallOutcome {
+    /// The SYSTEM message announcing the recall.
+    pub notice: Message,
+    /// DIRECT: both users with their pts for the notice.
+    pub direct: Vec<(UserId, u64)>,
+    /// GROUP: the members to push the notice to.
+    pub group_members: Option<std::sync::Arc<Vec<UserId>>>,
+}
+
+/// The profile fields to change.
+#[derive(Clone, Debug, Default)]
+pub struct ProfilePatch {
+    pub nickname: Option<String>,
+    pub avatar: Option<String>,
+    pub signature: Option<String>,
 }
 
 /// The storage interface the handlers use. Every method is async and never blocks the
@@ -224,13 +384,121 @@ pub trait Store: Send + Sync + 'static {
     fn conversation(&self, conv: ConvId) -> StoreFut<Option<ConvRecord>>;
     fn direct_conversation(&self, a: UserId, b: UserId) -> StoreFut<Option<ConvRecord>>;
     /// Up to `limit` messages with seq < before_seq (0 = newest), ascending; has_more.
-    fn history(&self, conv: ConvId, before_seq: u64, limit: u32) -> StoreFut<(Vec<Message>, bool)>;
+    /// With after_seq > 0: seq > after_seq, oldest first. Messages `viewer` deleted
+    /// for themself are left out.
+    fn history(
+        &self,
+        viewer: UserId,
+        conv: ConvId,
+        before_seq: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreFut<(Vec<Message>, bool)>;
     fn conversations(
         &self,
         user: UserId,
         offset: u32,
         limit: u32,
     ) -> StoreFut<(Vec<ConvSummary>, bool)>;
+
+    // --- users ---
+    fn update_profile(&self, user: UserId, patch: ProfilePatch) -> StoreFut<UserRecord>;
+    /// Usernames starting with `prefix`, after `after`, in order; has_more.
+    fn search_users(
+        &self,
+        prefix: String,
+        after: String,
+        limit: u32,
+    ) -> StoreFut<(Vec<UserRecord>, bool)>;
+    fn set_last_seen(&self, user: UserId, ms: i64) -> StoreFut<()>;
+
+    // --- friends ---
+    fn friend_request(
+        &self,
+        from: UserId,
+        to: UserId,
+        message: String,
+        now_ms: i64,
+    ) -> StoreFut<FriendRequestOutcome>;
+    /// Accept or reject `requester`'s pending request to `me`.
+    fn friend_answer(
+        &self,
+        me: UserId,
+        requester: UserId,
+        accept: bool,
+        now_ms: i64,
+    ) -> StoreFut<FriendPts>;
+    fn friend_remove(&self, me: UserId, other: UserId, now_ms: i64) -> StoreFut<FriendPts>;
+    fn friend_remark(&self, me: UserId, other: UserId, remark: String) -> StoreFut<()>;
+    fn category_create(&self, me: UserId, name: String) -> StoreFut<u64>;
+    fn category_rename(&self, me: UserId, id: u64, name: String) -> StoreFut<()>;
+    fn category_delete(&self, me: UserId, id: u64) -> StoreFut<()>;
+    fn friend_move(&self, me: UserId, friend: UserId, category: u64) -> StoreFut<()>;
+    fn block(&self, me: UserId, other: UserId, now_ms: i64) -> StoreFut<()>;
+    fn unblock(&self, me: UserId, other: UserId) -> StoreFut<()>;
+    fn friends(&self, me: UserId, offset: u32, limit: u32) -> StoreFut<(Vec<FriendRec>, bool)>;
+    fn friend_ids(&self, me: UserId) -> StoreFut<Vec<UserId>>;
+    fn categories(&self, me: UserId) -> StoreFut<Vec<(u64, String)>>;
+    fn blocked_users(&self, me: UserId) -> StoreFut<Vec<UserRecord>>;
+    fn friend_requests(&self, me: UserId) -> StoreFut<Vec<PendingFriend>>;
+    /// Whether `by` blocked `who`.
+    fn is_blocked(&self, by: UserId, who: UserId) -> StoreFut<bool>;
+
+    // --- groups ---
+    fn group_create(
+        &self,
+        owner: UserId,
+        name: String,
+        members: Vec<UserId>,
+        join_policy: i32,
+        now_ms: i64,
+        max_members: u32,
+    ) -> StoreFut<GroupChange>;
+    fn group_op(
+        &self,
+        actor: UserId,
+        group: u64,
+        op: GroupOp,
+        now_ms: i64,
+        max_members: u32,
+    ) -> StoreFut<GroupChange>;
+    fn group_join(
+        &self,
+        user: UserId,
+        group: u64,
+        message: String,
+        now_ms: i64,
+        max_members: u32,
+    ) -> StoreFut<JoinOutcome>;
+    /// Stores a group message (sender must be a member and not muted).
+    fn send_group(&self, group: u64, input: SendInput) -> StoreFut<GroupSendOutcome>;
+    fn group_info(&self, group: u64) -> StoreFut<Option<GroupInfo>>;
+    /// The user's role in the group, if a member.
+    fn group_role(&self, group: u64, user: UserId) -> StoreFut<Option<i32>>;
+    fn group_members(
+        &self,
+        group: u64,
+        offset: u32,
+        limit: u32,
+    ) -> StoreFut<(Vec<GroupMemberRec>, bool)>;
+    fn group_member_ids(&self, group: u64) -> StoreFut<Vec<UserId>>;
+    fn user_groups(&self, user: UserId) -> StoreFut<Vec<GroupInfo>>;
+    fn group_join_requests(&self, group: u64) -> StoreFut<Vec<(UserId, String, i64)>>;
+    /// The user's groups with messages past the user's read mark:
+    /// (group, conversation, last_seq, read_seq).
+    fn group_heads(&self, user: UserId) -> StoreFut<Vec<(u64, ConvId, u64, u64)>>;
+    /// Whether `user` is a member of the conversation (either kind).
+    fn is_member(&self, conv: ConvId, user: UserId) -> StoreFut<bool>;
+
+    // --- recall, delete for me ---
+    fn recall(
+        &self,
+        user: UserId,
+        message_id: u64,
+        now_ms: i64,
+        window_ms: i64,
+    ) -> StoreFut<RecallOutcome>;
+    fn hide(&self, user: UserId, message_ids: Vec<u64>) -> StoreFut<()>;
 
     /// Stops taking writes, commits what is queued, checkpoints. Idempotent.
     fn shutdown(&self) -> StoreFut<()>;

@@ -45,8 +45,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+mod social;
+
 /// Schema migrations, applied in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users(
     id INTEGER PRIMARY KEY,
     username TEXT NOT NULL UNIQUE,
@@ -116,68 +119,104 @@ CREATE TABLE unread(
     conv_id INTEGER NOT NULL,
     PRIMARY KEY(user_id, conv_id)
 ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+-- 2: profiles, friends, blocks, categories, groups, recall, delete-for-me.
+ALTER TABLE users ADD COLUMN nickname TEXT NOT NULL DEFAULT '';
+ALTER TABLE users ADD COLUMN avatar TEXT NOT NULL DEFAULT '';
+ALTER TABLE users ADD COLUMN signature TEXT NOT NULL DEFAULT '';
+ALTER TABLE users ADD COLUMN last_seen_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD COLUMN group_id INTEGER NOT NULL DEFAULT 0;
+DROP INDEX conversations_pair;
+CREATE UNIQUE INDEX conversations_direct ON conversations(user_a, user_b) WHERE group_id = 0;
+ALTER TABLE messages ADD COLUMN group_id INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN recalled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE updates ADD COLUMN data TEXT NOT NULL DEFAULT '';
+CREATE TABLE friends(
+    user_id INTEGER NOT NULL,
+    friend_id INTEGER NOT NULL,
+    remark TEXT NOT NULL DEFAULT '',
+    category_id INTEGER NOT NULL DEFAULT 0,
+    since_ms INTEGER NOT NULL,
+    PRIMARY KEY(user_id, friend_id)
+) WITHOUT ROWID;
+CREATE TABLE friend_requests(
+    from_id INTEGER NOT NULL,
+    to_id INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    PRIMARY KEY(from_id, to_id)
+) WITHOUT ROWID;
+CREATE INDEX friend_requests_to ON friend_requests(to_id);
+CREATE TABLE categories(
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL,
+    name TEXT NOT NULL
+);
+CREATE INDEX categories_user ON categories(user_id);
+CREATE TABLE blocks(
+    user_id INTEGER NOT NULL,
+    blocked_id INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    PRIMARY KEY(user_id, blocked_id)
+) WITHOUT ROWID;
+CREATE TABLE chat_groups(
+    id INTEGER PRIMARY KEY,
+    conv_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    owner_id INTEGER NOT NULL,
+    join_policy INTEGER NOT NULL,
+    mute_all INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    dissolved INTEGER NOT NULL DEFAULT 0
+);
+-- joined_ms holds ms x 1000 + the order within one operation (join order).
+CREATE TABLE group_members(
+    group_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    role INTEGER NOT NULL,
+    joined_ms INTEGER NOT NULL,
+    muted_until_ms INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(group_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX group_members_user ON group_members(user_id);
+CREATE TABLE group_join_requests(
+    group_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    PRIMARY KEY(group_id, user_id)
+) WITHOUT ROWID;
+CREATE TABLE hidden(
+    user_id INTEGER NOT NULL,
+    msg_id INTEGER NOT NULL,
+    PRIMARY KEY(user_id, msg_id)
+) WITHOUT ROWID;
+"#,
+];
 
 const UPDATE_MESSAGE: i64 = 1;
 const UPDATE_READ: i64 = 2;
 const CONV_DIRECT: i64 = 1;
 /// Bound on the writer's caches; past it they are dropped and refilled lazily.
 const CACHE_MAX: usize = 1 << 20;
+/// Bound on the number of groups whose state the writer keeps in memory.
+const GROUP_CACHE_MAX: usize = 10_000;
 
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+/// A write: runs on the writer thread inside its own savepoint, and returns how to
+/// answer its caller once the batch's fate is known.
+type Job = Box<dyn FnOnce(&mut Writer, &mut CacheDelta) -> Done + Send>;
+
+/// The answer of one write, held until its batch commits. `ok`: the write succeeded
+/// (its savepoint is kept). `send(None)` delivers its result; `send(Some(e))` delivers
+/// `e` instead (the commit failed, so nothing of it is durable).
+struct Done {
+    ok: bool,
+    send: Box<dyn FnOnce(Option<StoreError>) + Send>,
+}
 
 enum WriteOp {
-    CreateUser {
-        username: String,
-        hash: String,
-        now: i64,
-        tx: Reply<UserRecord>,
-    },
-    RegisterDevice {
-        user: UserId,
-        device: String,
-        platform: Platform,
-        now: i64,
-        tx: Reply<DeviceRecord>,
-    },
-    Logout {
-        user: UserId,
-        device: String,
-        tx: Reply<()>,
-    },
-    SetCursor {
-        user: UserId,
-        device: String,
-        pts: u64,
-        tx: Reply<()>,
-    },
-    PutRefresh {
-        rec: RefreshRecord,
-        tx: Reply<()>,
-    },
-    TakeRefresh {
-        hash: [u8; 32],
-        new_hash: [u8; 32],
-        new_expires: i64,
-        now: i64,
-        tx: Reply<TakeRefresh>,
-    },
-    Send {
-        input: SendInput,
-        tx: Reply<SendOutcome>,
-    },
-    Read {
-        user: UserId,
-        conv: ConvId,
-        seq: u64,
-        tx: Reply<ReadOutcome>,
-    },
-    Delivered {
-        user: UserId,
-        conv: ConvId,
-        seq: u64,
-        tx: Reply<(u64, UserId)>,
-    },
+    Job(Job),
     /// Commit what came before, checkpoint, and stop.
     Stop,
 }
@@ -266,14 +305,30 @@ impl SqliteStore {
         &self.path
     }
 
-    fn write<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteOp) -> StoreFut<T> {
-        let (tx, rx) = oneshot::channel();
+    /// Queues a write for the writer thread; resolves once its batch committed.
+    fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Writer, &mut CacheDelta) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFut<T> {
+        let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
+        let job: Job = Box::new(move |w, d| {
+            let r = f(w, d);
+            Done {
+                ok: r.is_ok(),
+                send: Box::new(move |failed| {
+                    let _ = tx.send(match failed {
+                        Some(e) => Err(e),
+                        None => r,
+                    });
+                }),
+            }
+        });
         let sent = if self.closing.load(Ordering::Acquire) {
             Err(StoreError::Unavailable(
                 "the server is shutting down".into(),
             ))
         } else {
-            match self.writes.try_send(make(tx)) {
+            match self.writes.try_send(WriteOp::Job(job)) {
                 Ok(()) => Ok(()),
                 Err(TrySendError::Full(_)) => Err(StoreError::Unavailable(
                     "storage write queue is full".into(),
@@ -345,7 +400,10 @@ fn platform_of(v: i64) -> Platform {
     Platform::try_from(v as i32).unwrap_or(Platform::Unspecified)
 }
 
-const MESSAGE_COLS: &str = "m.id, m.conv_id, m.seq, m.sender_id, m.recipient_id, m.kind, m.text, m.payload, m.client_msg_id, m.time_ms";
+const MESSAGE_COLS: &str = "m.id, m.conv_id, m.seq, m.sender_id, m.recipient_id, m.kind, m.text, m.payload, m.client_msg_id, m.time_ms, m.group_id, m.recalled";
+const USER_COLS: &str =
+    "id, username, password_hash, created_ms, nickname, avatar, signature, last_seen_ms";
+const CONV_COLS: &str = "id, user_a, user_b, group_id";
 
 fn message_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Message> {
     let payload: Option<Vec<u8>> = r.get(at + 7)?;
@@ -355,12 +413,13 @@ fn message_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Message> {
         seq: r.get::<_, i64>(at + 2)? as u64,
         sender_id: r.get::<_, i64>(at + 3)? as u64,
         recipient_id: r.get::<_, i64>(at + 4)? as u64,
-        group_id: 0,
+        group_id: r.get::<_, i64>(at + 10)? as u64,
         kind: r.get::<_, i64>(at + 5)? as i32,
         text: r.get(at + 6)?,
         payload: payload.map(bytes::Bytes::from).unwrap_or_default(),
         client_msg_id: r.get(at + 8)?,
         time_ms: r.get(at + 9)?,
+        recalled: r.get::<_, i64>(at + 11)? != 0,
     })
 }
 
@@ -370,6 +429,10 @@ fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
         username: r.get(1)?,
         password_hash: r.get(2)?,
         created_ms: r.get(3)?,
+        nickname: r.get(4)?,
+        avatar: r.get(5)?,
+        signature: r.get(6)?,
+        last_seen_ms: r.get(7)?,
     })
 }
 
@@ -388,6 +451,7 @@ fn conv_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConvRecord> {
         id: ConvId(r.get::<_, i64>(0)? as u64),
         user_a: UserId(r.get::<_, i64>(1)? as u64),
         user_b: UserId(r.get::<_, i64>(2)? as u64),
+        group_id: r.get::<_, i64>(3)? as u64,
     })
 }
 
@@ -402,6 +466,11 @@ struct Writer {
     batch_seq: HashMap<ConvId, u64>,
     batch_pts: HashMap<UserId, u64>,
     pairs_pending: Vec<ConvRecord>,
+    /// Group state (settings and members), loaded on demand; exact (one writer).
+    groups: HashMap<u64, social::GroupState>,
+    /// Groups changed by the batch being built (dropped from `groups` if their write
+    /// fails or the commit does).
+    groups_dirty: Vec<u64>,
 }
 
 /// One row of the `updates` table, minus its user and pts.
@@ -422,42 +491,6 @@ struct CacheDelta {
     pair: Option<ConvRecord>,
 }
 
-/// A reply waiting for the batch's commit.
-enum Pending {
-    User(Reply<UserRecord>, Result<UserRecord, StoreError>),
-    Device(Reply<DeviceRecord>, Result<DeviceRecord, StoreError>),
-    Unit(Reply<()>, Result<(), StoreError>),
-    Take(Reply<TakeRefresh>, Result<TakeRefresh, StoreError>),
-    Send(Reply<SendOutcome>, Result<SendOutcome, StoreError>),
-    Read(Reply<ReadOutcome>, Result<ReadOutcome, StoreError>),
-    Delivered(Reply<(u64, UserId)>, Result<(u64, UserId), StoreError>),
-}
-
-impl Pending {
-    fn fail(self, e: StoreError) -> Pending {
-        match self {
-            Pending::User(t, _) => Pending::User(t, Err(e)),
-            Pending::Device(t, _) => Pending::Device(t, Err(e)),
-            Pending::Unit(t, _) => Pending::Unit(t, Err(e)),
-            Pending::Take(t, _) => Pending::Take(t, Err(e)),
-            Pending::Send(t, _) => Pending::Send(t, Err(e)),
-            Pending::Read(t, _) => Pending::Read(t, Err(e)),
-            Pending::Delivered(t, _) => Pending::Delivered(t, Err(e)),
-        }
-    }
-    fn answer(self) {
-        match self {
-            Pending::User(t, r) => drop(t.send(r)),
-            Pending::Device(t, r) => drop(t.send(r)),
-            Pending::Unit(t, r) => drop(t.send(r)),
-            Pending::Take(t, r) => drop(t.send(r)),
-            Pending::Send(t, r) => drop(t.send(r)),
-            Pending::Read(t, r) => drop(t.send(r)),
-            Pending::Delivered(t, r) => drop(t.send(r)),
-        }
-    }
-}
-
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
 }
@@ -472,6 +505,8 @@ impl Writer {
             batch_seq: HashMap::new(),
             batch_pts: HashMap::new(),
             pairs_pending: Vec::new(),
+            groups: HashMap::new(),
+            groups_dirty: Vec::new(),
         }
     }
 
@@ -502,39 +537,26 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
-        let mut pending = Vec::with_capacity(batch.len());
+        let mut done: Vec<Done> = Vec::with_capacity(batch.len());
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             let err = internal(e);
             tracing::error!(error = %err, "store: cannot begin a write transaction");
-            for op in batch.drain(..) {
-                Self::reject(op, err.clone()).answer();
-            }
+            // The jobs are dropped unrun: their callers get UNAVAILABLE.
+            batch.clear();
             return;
         }
         self.batch_seq.clear();
         self.batch_pts.clear();
         self.pairs_pending.clear();
         for op in batch.drain(..) {
+            let WriteOp::Job(job) = op else { continue };
             if self.conn.execute_batch("SAVEPOINT op").is_err() {
-                pending.push(Self::reject(
-                    op,
-                    StoreError::Internal("savepoint failed".into()),
-                ));
-                continue;
+                continue; // the job is dropped: its caller sees "writer stopped"
             }
             let mut delta = CacheDelta::default();
-            let p = self.apply(op, &mut delta);
-            let ok = !matches!(
-                &p,
-                Pending::User(_, Err(_))
-                    | Pending::Device(_, Err(_))
-                    | Pending::Unit(_, Err(_))
-                    | Pending::Take(_, Err(_))
-                    | Pending::Send(_, Err(_))
-                    | Pending::Read(_, Err(_))
-                    | Pending::Delivered(_, Err(_))
-            );
-            if ok {
+            let groups_before = self.groups_dirty.len();
+            let d = job(self, &mut delta);
+            if d.ok {
                 let _ = self.conn.execute_batch("RELEASE op");
                 self.batch_seq.extend(delta.seqs);
                 self.batch_pts.extend(delta.pts);
@@ -543,8 +565,12 @@ impl Writer {
                 }
             } else {
                 let _ = self.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                // A failed write may have touched cached group state: reload it.
+                for g in self.groups_dirty.drain(groups_before..).collect::<Vec<_>>() {
+                    self.groups.remove(&g);
+                }
             }
-            pending.push(p);
+            done.push(d);
         }
         match self.conn.execute_batch("COMMIT") {
             Ok(()) => {
@@ -556,13 +582,17 @@ impl Writer {
                     self.last_seq.clear();
                     self.pairs.clear();
                 }
+                if self.groups.len() > GROUP_CACHE_MAX {
+                    self.groups.clear();
+                }
+                self.groups_dirty.clear();
                 self.last_seq.extend(self.batch_seq.drain());
                 self.last_pts.extend(self.batch_pts.drain());
                 for c in self.pairs_pending.drain(..) {
                     self.pairs.insert((c.user_a, c.user_b), c);
                 }
-                for p in pending {
-                    p.answer();
+                for d in done {
+                    (d.send)(None);
                 }
             }
             Err(e) => {
@@ -574,73 +604,12 @@ impl Writer {
                 self.last_pts.clear();
                 self.last_seq.clear();
                 self.pairs.clear();
-                for p in pending {
-                    p.fail(StoreError::Internal("commit failed".into()))
-                        .answer();
+                self.groups.clear();
+                self.groups_dirty.clear();
+                for d in done {
+                    (d.send)(Some(StoreError::Internal("commit failed".into())));
                 }
             }
-        }
-    }
-
-    fn reject(op: WriteOp, e: StoreError) -> Pending {
-        match op {
-            WriteOp::CreateUser { tx, .. } => Pending::User(tx, Err(e)),
-            WriteOp::RegisterDevice { tx, .. } => Pending::Device(tx, Err(e)),
-            WriteOp::Logout { tx, .. }
-            | WriteOp::SetCursor { tx, .. }
-            | WriteOp::PutRefresh { tx, .. } => Pending::Unit(tx, Err(e)),
-            WriteOp::TakeRefresh { tx, .. } => Pending::Take(tx, Err(e)),
-            WriteOp::Send { tx, .. } => Pending::Send(tx, Err(e)),
-            WriteOp::Read { tx, .. } => Pending::Read(tx, Err(e)),
-            WriteOp::Delivered { tx, .. } => Pending::Delivered(tx, Err(e)),
-            WriteOp::Stop => Pending::Unit(oneshot::channel().0, Err(e)),
-        }
-    }
-
-    fn apply(&mut self, op: WriteOp, d: &mut CacheDelta) -> Pending {
-        match op {
-            WriteOp::CreateUser {
-                username,
-                hash,
-                now,
-                tx,
-            } => Pending::User(tx, self.create_user(username, hash, now)),
-            WriteOp::RegisterDevice {
-                user,
-                device,
-                platform,
-                now,
-                tx,
-            } => Pending::Device(tx, self.register_device(user, device, platform, now)),
-            WriteOp::Logout { user, device, tx } => Pending::Unit(tx, self.logout(user, &device)),
-            WriteOp::SetCursor {
-                user,
-                device,
-                pts,
-                tx,
-            } => Pending::Unit(tx, self.set_cursor(user, &device, pts)),
-            WriteOp::PutRefresh { rec, tx } => Pending::Unit(tx, self.put_refresh(&rec)),
-            WriteOp::TakeRefresh {
-                hash,
-                new_hash,
-                new_expires,
-                now,
-                tx,
-            } => Pending::Take(tx, self.take_refresh(hash, new_hash, new_expires, now)),
-            WriteOp::Send { input, tx } => Pending::Send(tx, self.send(input, d)),
-            WriteOp::Read {
-                user,
-                conv,
-                seq,
-                tx,
-            } => Pending::Read(tx, self.read(user, conv, seq, d)),
-            WriteOp::Delivered {
-                user,
-                conv,
-                seq,
-                tx,
-            } => Pending::Delivered(tx, self.delivered(user, conv, seq)),
-            WriteOp::Stop => Pending::Unit(oneshot::channel().0, Ok(())),
         }
     }
 
@@ -662,6 +631,10 @@ impl Writer {
                 username,
                 password_hash: hash,
                 created_ms: now,
+                nickname: String::new(),
+                avatar: String::new(),
+                signature: String::new(),
+                last_seen_ms: 0,
             }),
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict),
             Err(e) => Err(internal(e)),
@@ -837,7 +810,7 @@ impl Writer {
         let found = self
             .conn
             .prepare_cached(
-                "SELECT id, user_a, user_b FROM conversations WHERE user_a=?1 AND user_b=?2",
+                &format!("SELECT {CONV_COLS} FROM conversations WHERE user_a=?1 AND user_b=?2 AND group_id=0"),
             )
             .and_then(|mut s| {
                 s.query_row(params![a.0 as i64, b.0 as i64], conv_row)
@@ -876,25 +849,14 @@ impl Writer {
             id,
             user_a: a,
             user_b: b,
+            group_id: 0,
         };
         d.pair = Some(c.clone());
         Ok(c)
     }
 
     fn send(&mut self, i: SendInput, d: &mut CacheDelta) -> Result<SendOutcome, StoreError> {
-        let dup = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLS} FROM messages m WHERE m.sender_id=?1 AND m.client_msg_id=?2"
-            ))
-            .and_then(|mut s| {
-                s.query_row(params![i.sender.0 as i64, i.client_msg_id], |r| {
-                    message_at(r, 0)
-                })
-                .optional()
-            })
-            .map_err(internal)?;
-        if let Some(message) = dup {
+        if let Some(message) = self.find_client_msg(i.sender, &i.client_msg_id)? {
             return Ok(SendOutcome {
                 message,
                 sender_pts: 0,
@@ -902,29 +864,32 @@ impl Writer {
                 duplicate: true,
             });
         }
+        if self.blocked(i.recipient, i.sender)? {
+            return Err(StoreError::Forbidden("this user has blocked you".into()));
+        }
+        if i.require_friend && !self.are_friends(i.sender, i.recipient)? {
+            return Err(StoreError::Forbidden(
+                "this server lets only friends message each other".into(),
+            ));
+        }
         let conv = self.direct(i.sender, i.recipient, d)?;
-        let seq = self.seq_of(conv.id)? + 1;
-        let payload: Option<&[u8]> = if i.payload.is_empty() {
-            None
-        } else {
-            Some(&i.payload)
-        };
-        self.conn
-            .prepare_cached(
-                "INSERT INTO messages(conv_id, seq, sender_id, recipient_id, kind, text, payload, client_msg_id, time_ms)
-                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![conv.id.0 as i64, seq as i64, i.sender.0 as i64, i.recipient.0 as i64, i.kind as i64, i.text, payload, i.client_msg_id, i.now_ms])
-            })
-            .map_err(internal)?;
-        let id = self.conn.last_insert_rowid() as u64;
-        d.seqs.push((conv.id, seq));
+        let message = self.insert_message(
+            conv.id,
+            i.sender,
+            i.recipient,
+            0,
+            i.kind,
+            i.text,
+            i.payload,
+            i.client_msg_id,
+            i.now_ms,
+            d,
+        )?;
         let msg_event = StreamEvent {
             kind: UPDATE_MESSAGE,
             conv: conv.id,
-            seq,
-            msg_id: id,
+            seq: message.seq,
+            msg_id: message.id,
             actor: i.sender,
         };
         let sender_pts = self.push_update(i.sender, msg_event, d)?;
@@ -932,7 +897,13 @@ impl Writer {
         // Sending implies having read the conversation up to one's own message.
         self.conn
             .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
-            .and_then(|mut s| s.execute(params![i.sender.0 as i64, conv.id.0 as i64, seq as i64]))
+            .and_then(|mut s| {
+                s.execute(params![
+                    i.sender.0 as i64,
+                    conv.id.0 as i64,
+                    message.seq as i64
+                ])
+            })
             .map_err(internal)?;
         self.conn
             .prepare_cached("DELETE FROM unread WHERE user_id=?1 AND conv_id=?2")
@@ -942,19 +913,6 @@ impl Writer {
             .prepare_cached("INSERT OR IGNORE INTO unread(user_id, conv_id) VALUES(?1, ?2)")
             .and_then(|mut s| s.execute(params![i.recipient.0 as i64, conv.id.0 as i64]))
             .map_err(internal)?;
-        let message = Message {
-            id,
-            conversation_id: conv.id.0,
-            seq,
-            sender_id: i.sender.0,
-            recipient_id: i.recipient.0,
-            group_id: 0,
-            kind: i.kind,
-            text: i.text,
-            payload: i.payload,
-            client_msg_id: i.client_msg_id,
-            time_ms: i.now_ms,
-        };
         Ok(SendOutcome {
             message,
             sender_pts,
@@ -965,7 +923,9 @@ impl Writer {
 
     fn conv(&mut self, conv: ConvId) -> Result<ConvRecord, StoreError> {
         self.conn
-            .prepare_cached("SELECT id, user_a, user_b FROM conversations WHERE id=?1")
+            .prepare_cached(&format!(
+                "SELECT {CONV_COLS} FROM conversations WHERE id=?1"
+            ))
             .and_then(|mut s| s.query_row([conv.0 as i64], conv_row).optional())
             .map_err(internal)?
             .ok_or(StoreError::NotFound)
@@ -979,15 +939,16 @@ impl Writer {
         d: &mut CacheDelta,
     ) -> Result<ReadOutcome, StoreError> {
         let c = self.conv(conv)?;
-        if !c.has_member(user) {
-            return Err(StoreError::NotFound);
-        }
-        let last = self.seq_of(conv)?;
         let current: i64 = self
             .conn
             .prepare_cached("SELECT read_seq FROM members WHERE user_id=?1 AND conv_id=?2")
-            .and_then(|mut s| s.query_row(params![user.0 as i64, conv.0 as i64], |r| r.get(0)))
-            .map_err(internal)?;
+            .and_then(|mut s| {
+                s.query_row(params![user.0 as i64, conv.0 as i64], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(internal)?
+            .ok_or(StoreError::NotFound)?;
+        let last = self.seq_of(conv)?;
         let target = seq.min(last);
         if target <= current as u64 {
             return Ok(ReadOutcome {
@@ -1005,7 +966,6 @@ impl Writer {
                 .and_then(|mut s| s.execute(params![user.0 as i64, conv.0 as i64]))
                 .map_err(internal)?;
         }
-        let peer = c.peer_of(user);
         let read_event = StreamEvent {
             kind: UPDATE_READ,
             conv,
@@ -1014,7 +974,12 @@ impl Writer {
             actor: user,
         };
         let reader_pts = self.push_update(user, read_event, d)?;
-        let peer_pts = self.push_update(peer, read_event, d)?;
+        let (peer, peer_pts) = if c.is_group() {
+            (None, 0)
+        } else {
+            let peer = c.peer_of(user);
+            (Some(peer), self.push_update(peer, read_event, d)?)
+        };
         Ok(ReadOutcome {
             read_seq: target,
             moved: Some(ReadMoved {
@@ -1032,7 +997,12 @@ impl Writer {
         seq: u64,
     ) -> Result<(u64, UserId), StoreError> {
         let c = self.conv(conv)?;
-        if !c.has_member(user) {
+        let member = self
+            .conn
+            .prepare_cached("SELECT 1 FROM members WHERE user_id=?1 AND conv_id=?2")
+            .and_then(|mut s| s.exists(params![user.0 as i64, conv.0 as i64]))
+            .map_err(internal)?;
+        if !member {
             return Err(StoreError::NotFound);
         }
         let last = self.seq_of(conv)?;
@@ -1061,30 +1031,21 @@ impl Store for SqliteStore {
         password_hash: String,
         now_ms: i64,
     ) -> StoreFut<UserRecord> {
-        self.write(|tx| WriteOp::CreateUser {
-            username,
-            hash: password_hash,
-            now: now_ms,
-            tx,
-        })
+        self.write(move |w, _| w.create_user(username, password_hash, now_ms))
     }
 
     fn user_by_name(&self, username: String) -> StoreFut<Option<UserRecord>> {
         self.read(move |c| {
-            c.prepare_cached(
-                "SELECT id, username, password_hash, created_ms FROM users WHERE username=?1",
-            )
-            .and_then(|mut s| s.query_row([username], user_row).optional())
-            .map_err(read_err)
+            c.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE username=?1"))
+                .and_then(|mut s| s.query_row([username], user_row).optional())
+                .map_err(read_err)
         })
     }
 
     fn users_by_ids(&self, ids: Vec<UserId>) -> StoreFut<Vec<UserRecord>> {
         self.read(move |c| {
             let mut s = c
-                .prepare_cached(
-                    "SELECT id, username, password_hash, created_ms FROM users WHERE id=?1",
-                )
+                .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id=?1"))
                 .map_err(read_err)?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
@@ -1103,9 +1064,7 @@ impl Store for SqliteStore {
     fn users_by_names(&self, names: Vec<String>) -> StoreFut<Vec<UserRecord>> {
         self.read(move |c| {
             let mut s = c
-                .prepare_cached(
-                    "SELECT id, username, password_hash, created_ms FROM users WHERE username=?1",
-                )
+                .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE username=?1"))
                 .map_err(read_err)?;
             let mut out = Vec::with_capacity(names.len());
             for n in names {
@@ -1124,13 +1083,7 @@ impl Store for SqliteStore {
         platform: Platform,
         now_ms: i64,
     ) -> StoreFut<DeviceRecord> {
-        self.write(|tx| WriteOp::RegisterDevice {
-            user,
-            device: device_id,
-            platform,
-            now: now_ms,
-            tx,
-        })
+        self.write(move |w, _| w.register_device(user, device_id, platform, now_ms))
     }
 
     fn device(&self, user: UserId, device_id: String) -> StoreFut<Option<DeviceRecord>> {
@@ -1142,24 +1095,15 @@ impl Store for SqliteStore {
     }
 
     fn logout_device(&self, user: UserId, device_id: String) -> StoreFut<()> {
-        self.write(|tx| WriteOp::Logout {
-            user,
-            device: device_id,
-            tx,
-        })
+        self.write(move |w, _| w.logout(user, &device_id))
     }
 
     fn set_cursor(&self, user: UserId, device_id: String, pts: u64) -> StoreFut<()> {
-        self.write(|tx| WriteOp::SetCursor {
-            user,
-            device: device_id,
-            pts,
-            tx,
-        })
+        self.write(move |w, _| w.set_cursor(user, &device_id, pts))
     }
 
     fn put_refresh(&self, rec: RefreshRecord) -> StoreFut<()> {
-        self.write(|tx| WriteOp::PutRefresh { rec, tx })
+        self.write(move |w, _| w.put_refresh(&rec))
     }
 
     fn take_refresh(
@@ -1169,12 +1113,8 @@ impl Store for SqliteStore {
         replacement_expires_ms: i64,
         now_ms: i64,
     ) -> StoreFut<TakeRefresh> {
-        self.write(|tx| WriteOp::TakeRefresh {
-            hash,
-            new_hash: replacement_hash,
-            new_expires: replacement_expires_ms,
-            now: now_ms,
-            tx,
+        self.write(move |w, _| {
+            w.take_refresh(hash, replacement_hash, replacement_expires_ms, now_ms)
         })
     }
 
@@ -1188,32 +1128,24 @@ impl Store for SqliteStore {
     }
 
     fn send_direct(&self, input: SendInput) -> StoreFut<SendOutcome> {
-        self.write(|tx| WriteOp::Send { input, tx })
+        self.write(move |w, d| w.send(input, d))
     }
 
     fn mark_read(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<ReadOutcome> {
-        self.write(|tx| WriteOp::Read {
-            user,
-            conv,
-            seq,
-            tx,
-        })
+        self.write(move |w, d| w.read(user, conv, seq, d))
     }
 
     fn mark_delivered(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<(u64, UserId)> {
-        self.write(|tx| WriteOp::Delivered {
-            user,
-            conv,
-            seq,
-            tx,
-        })
+        self.write(move |w, _| w.delivered(user, conv, seq))
     }
 
     fn sync(&self, user: UserId, since_pts: u64, limit: u32) -> StoreFut<SyncPage> {
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
-                    "SELECT u.pts, u.kind, u.conv_id, u.seq, u.actor, {MESSAGE_COLS}
+                    "SELECT u.pts, u.kind, u.conv_id, u.seq, u.actor, u.msg_id, u.data,
+                            EXISTS(SELECT 1 FROM hidden h WHERE h.user_id = u.user_id AND h.msg_id = u.msg_id AND u.kind = {UPDATE_MESSAGE}),
+                            {MESSAGE_COLS}
                      FROM updates u LEFT JOIN messages m ON m.id = u.msg_id AND u.kind = {UPDATE_MESSAGE}
                      WHERE u.user_id=?1 AND u.pts>?2 ORDER BY u.pts LIMIT ?3"
                 ))
@@ -1222,25 +1154,39 @@ impl Store for SqliteStore {
                 .query_map(params![user.0 as i64, since_pts as i64, limit as i64 + 1], |r| {
                     let pts = r.get::<_, i64>(0)? as u64;
                     let kind: i64 = r.get(1)?;
-                    let ev = if kind == UPDATE_MESSAGE {
-                        UpdateEvent::Message(message_at(r, 5)?)
-                    } else {
-                        UpdateEvent::Read {
-                            conv: ConvId(r.get::<_, i64>(2)? as u64),
-                            reader: UserId(r.get::<_, i64>(4)? as u64),
-                            seq: r.get::<_, i64>(3)? as u64,
-                        }
+                    let conv = ConvId(r.get::<_, i64>(2)? as u64);
+                    let seq = r.get::<_, i64>(3)? as u64;
+                    let actor = UserId(r.get::<_, i64>(4)? as u64);
+                    if r.get::<_, i64>(7)? != 0 {
+                        return Ok((pts, None)); // deleted for this user
+                    }
+                    let ev = match kind {
+                        UPDATE_MESSAGE => UpdateEvent::Message(message_at(r, 8)?),
+                        UPDATE_READ => UpdateEvent::Read { conv, reader: actor, seq },
+                        social::UPDATE_FRIEND => UpdateEvent::Friend {
+                            kind: seq as i32,
+                            user: actor,
+                            message: r.get(6)?,
+                            time_ms: 0,
+                        },
+                        _ => UpdateEvent::Group {
+                            group: r.get::<_, i64>(5)? as u64,
+                            conv,
+                            member: seq == 1,
+                        },
                     };
-                    Ok((pts, ev))
+                    Ok((pts, Some(ev)))
                 })
                 .map_err(read_err)?;
-            let mut updates = Vec::new();
+            let mut raw = Vec::new();
             for row in rows {
-                updates.push(row.map_err(read_err)?);
+                raw.push(row.map_err(read_err)?);
             }
-            let has_more = updates.len() > limit as usize;
-            updates.truncate(limit as usize);
-            Ok(SyncPage { updates, has_more })
+            let has_more = raw.len() > limit as usize;
+            raw.truncate(limit as usize);
+            let scanned_to = raw.last().map(|(p, _)| *p).unwrap_or(since_pts);
+            let updates = raw.into_iter().filter_map(|(p, e)| e.map(|e| (p, e))).collect();
+            Ok(SyncPage { updates, has_more, scanned_to })
         })
     }
 
@@ -1314,9 +1260,11 @@ impl Store for SqliteStore {
 
     fn conversation(&self, conv: ConvId) -> StoreFut<Option<ConvRecord>> {
         self.read(move |c| {
-            c.prepare_cached("SELECT id, user_a, user_b FROM conversations WHERE id=?1")
-                .and_then(|mut s| s.query_row([conv.0 as i64], conv_row).optional())
-                .map_err(read_err)
+            c.prepare_cached(&format!(
+                "SELECT {CONV_COLS} FROM conversations WHERE id=?1"
+            ))
+            .and_then(|mut s| s.query_row([conv.0 as i64], conv_row).optional())
+            .map_err(read_err)
         })
     }
 
@@ -1324,7 +1272,7 @@ impl Store for SqliteStore {
         let (a, b) = if a <= b { (a, b) } else { (b, a) };
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT id, user_a, user_b FROM conversations WHERE user_a=?1 AND user_b=?2",
+                &format!("SELECT {CONV_COLS} FROM conversations WHERE user_a=?1 AND user_b=?2 AND group_id=0"),
             )
             .and_then(|mut s| {
                 s.query_row(params![a.0 as i64, b.0 as i64], conv_row)
@@ -1334,22 +1282,39 @@ impl Store for SqliteStore {
         })
     }
 
-    fn history(&self, conv: ConvId, before_seq: u64, limit: u32) -> StoreFut<(Vec<Message>, bool)> {
+    fn history(
+        &self,
+        viewer: UserId,
+        conv: ConvId,
+        before_seq: u64,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreFut<(Vec<Message>, bool)> {
         self.read(move |c| {
-            let before = if before_seq == 0 { i64::MAX } else { before_seq as i64 };
-            let mut s = c
-                .prepare_cached(&format!(
-                    "SELECT {MESSAGE_COLS} FROM messages m WHERE m.conv_id=?1 AND m.seq<?2 ORDER BY m.seq DESC LIMIT ?3"
-                ))
-                .map_err(read_err)?;
+            let hidden = "NOT EXISTS(SELECT 1 FROM hidden h WHERE h.user_id=?4 AND h.msg_id=m.id)";
+            let (sql, bound) = if after_seq > 0 {
+                (
+                    format!("SELECT {MESSAGE_COLS} FROM messages m WHERE m.conv_id=?1 AND m.seq>?2 AND {hidden} ORDER BY m.seq ASC LIMIT ?3"),
+                    after_seq as i64,
+                )
+            } else {
+                let before = if before_seq == 0 { i64::MAX } else { before_seq as i64 };
+                (
+                    format!("SELECT {MESSAGE_COLS} FROM messages m WHERE m.conv_id=?1 AND m.seq<?2 AND {hidden} ORDER BY m.seq DESC LIMIT ?3"),
+                    before,
+                )
+            };
+            let mut s = c.prepare_cached(&sql).map_err(read_err)?;
             let mut msgs: Vec<Message> = s
-                .query_map(params![conv.0 as i64, before, limit as i64 + 1], |r| message_at(r, 0))
+                .query_map(params![conv.0 as i64, bound, limit as i64 + 1, viewer.0 as i64], |r| message_at(r, 0))
                 .map_err(read_err)?
                 .collect::<Result<_, _>>()
                 .map_err(read_err)?;
             let has_more = msgs.len() > limit as usize;
             msgs.truncate(limit as usize);
-            msgs.reverse();
+            if after_seq == 0 {
+                msgs.reverse();
+            }
             Ok((msgs, has_more))
         })
     }
@@ -1365,10 +1330,10 @@ impl Store for SqliteStore {
             let r = (|| {
                 let mut s = c
                     .prepare_cached(&format!(
-                        "SELECT cv.id, cv.user_a, cv.user_b, mb.read_seq, pm.read_seq, pm.delivered_seq, {MESSAGE_COLS}
+                        "SELECT cv.id, cv.user_a, cv.user_b, cv.group_id, mb.read_seq, COALESCE(pm.read_seq, 0), COALESCE(pm.delivered_seq, 0), {MESSAGE_COLS}
                          FROM members mb
                          JOIN conversations cv ON cv.id = mb.conv_id
-                         JOIN members pm ON pm.conv_id = cv.id AND pm.user_id = (CASE WHEN cv.user_a = ?1 THEN cv.user_b ELSE cv.user_a END)
+                         LEFT JOIN members pm ON cv.group_id = 0 AND pm.conv_id = cv.id AND pm.user_id = (CASE WHEN cv.user_a = ?1 THEN cv.user_b ELSE cv.user_a END)
                          JOIN messages m ON m.conv_id = cv.id AND m.seq = (SELECT MAX(seq) FROM messages WHERE conv_id = cv.id)
                          WHERE mb.user_id = ?1
                          ORDER BY m.id DESC LIMIT ?2 OFFSET ?3"
@@ -1377,14 +1342,14 @@ impl Store for SqliteStore {
                 let rows = s
                     .query_map(params![user.0 as i64, limit as i64 + 1, offset as i64], |r| {
                         let conv = conv_row(r)?;
-                        let last = message_at(r, 6)?;
+                        let last = message_at(r, 7)?;
                         Ok(ConvSummary {
                             conv,
                             last_seq: last.seq,
                             last_message: Some(last),
-                            read_seq: r.get::<_, i64>(3)? as u64,
-                            peer_read_seq: r.get::<_, i64>(4)? as u64,
-                            peer_delivered_seq: r.get::<_, i64>(5)? as u64,
+                            read_seq: r.get::<_, i64>(4)? as u64,
+                            peer_read_seq: r.get::<_, i64>(5)? as u64,
+                            peer_delivered_seq: r.get::<_, i64>(6)? as u64,
                         })
                     })
                     .map_err(read_err)?;
@@ -1396,6 +1361,262 @@ impl Store for SqliteStore {
             let _ = c.execute_batch("COMMIT");
             r
         })
+    }
+
+    fn update_profile(&self, user: UserId, patch: ProfilePatch) -> StoreFut<UserRecord> {
+        self.write(move |w, _| w.update_profile(user, patch))
+    }
+
+    fn search_users(
+        &self,
+        prefix: String,
+        after: String,
+        limit: u32,
+    ) -> StoreFut<(Vec<UserRecord>, bool)> {
+        self.read(move |c| {
+            // Usernames are ASCII: every one with the prefix sorts below prefix + DEL.
+            let upper = format!("{prefix}\u{7f}");
+            let lower = if after.as_str() > prefix.as_str() { after.clone() } else { prefix.clone() };
+            let strict = if after.as_str() > prefix.as_str() { ">" } else { ">=" };
+            let mut s = c
+                .prepare_cached(&format!(
+                    "SELECT {USER_COLS} FROM users WHERE username {strict} ?1 AND username < ?2 ORDER BY username LIMIT ?3"
+                ))
+                .map_err(read_err)?;
+            let mut out: Vec<UserRecord> = s
+                .query_map(params![lower, upper, limit as i64 + 1], user_row)
+                .map_err(read_err)?
+                .collect::<Result<_, _>>()
+                .map_err(read_err)?;
+            let more = out.len() > limit as usize;
+            out.truncate(limit as usize);
+            Ok((out, more))
+        })
+    }
+
+    fn set_last_seen(&self, user: UserId, ms: i64) -> StoreFut<()> {
+        self.write(move |w, _| w.set_last_seen(user, ms))
+    }
+
+    fn friend_request(
+        &self,
+        from: UserId,
+        to: UserId,
+        message: String,
+        now_ms: i64,
+    ) -> StoreFut<FriendRequestOutcome> {
+        self.write(move |w, d| w.friend_request(from, to, message, now_ms, d))
+    }
+
+    fn friend_answer(
+        &self,
+        me: UserId,
+        requester: UserId,
+        accept: bool,
+        now_ms: i64,
+    ) -> StoreFut<FriendPts> {
+        self.write(move |w, d| w.friend_answer(me, requester, accept, now_ms, d))
+    }
+
+    fn friend_remove(&self, me: UserId, other: UserId, _now_ms: i64) -> StoreFut<FriendPts> {
+        self.write(move |w, d| w.friend_remove(me, other, d))
+    }
+
+    fn friend_remark(&self, me: UserId, other: UserId, remark: String) -> StoreFut<()> {
+        self.write(move |w, _| w.friend_remark(me, other, remark))
+    }
+
+    fn category_create(&self, me: UserId, name: String) -> StoreFut<u64> {
+        self.write(move |w, _| w.category_create(me, name))
+    }
+
+    fn category_rename(&self, me: UserId, id: u64, name: String) -> StoreFut<()> {
+        self.write(move |w, _| w.category_rename(me, id, name))
+    }
+
+    fn category_delete(&self, me: UserId, id: u64) -> StoreFut<()> {
+        self.write(move |w, _| w.category_delete(me, id))
+    }
+
+    fn friend_move(&self, me: UserId, friend: UserId, category: u64) -> StoreFut<()> {
+        self.write(move |w, _| w.friend_move(me, friend, category))
+    }
+
+    fn block(&self, me: UserId, other: UserId, now_ms: i64) -> StoreFut<()> {
+        self.write(move |w, _| w.block(me, other, now_ms))
+    }
+
+    fn unblock(&self, me: UserId, other: UserId) -> StoreFut<()> {
+        self.write(move |w, _| w.unblock(me, other))
+    }
+
+    fn friends(&self, me: UserId, offset: u32, limit: u32) -> StoreFut<(Vec<FriendRec>, bool)> {
+        self.read(move |c| social::friends(c, me, offset, limit))
+    }
+
+    fn friend_ids(&self, me: UserId) -> StoreFut<Vec<UserId>> {
+        self.read(move |c| {
+            social::ids(
+                c,
+                "SELECT friend_id FROM friends WHERE user_id=?1",
+                me.0 as i64,
+            )
+        })
+    }
+
+    fn categories(&self, me: UserId) -> StoreFut<Vec<(u64, String)>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached("SELECT id, name FROM categories WHERE user_id=?1 ORDER BY id")
+                .map_err(read_err)?;
+            let rows = s
+                .query_map([me.0 as i64], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+                })
+                .map_err(read_err)?;
+            rows.collect::<Result<_, _>>().map_err(read_err)
+        })
+    }
+
+    fn blocked_users(&self, me: UserId) -> StoreFut<Vec<UserRecord>> {
+        self.read(move |c| {
+            social::users_where(
+                c,
+                "JOIN blocks b ON b.blocked_id = u.id WHERE b.user_id=?1 ORDER BY u.username",
+                me.0 as i64,
+            )
+        })
+    }
+
+    fn friend_requests(&self, me: UserId) -> StoreFut<Vec<PendingFriend>> {
+        self.read(move |c| social::friend_requests(c, me))
+    }
+
+    fn is_blocked(&self, by: UserId, who: UserId) -> StoreFut<bool> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM blocks WHERE user_id=?1 AND blocked_id=?2")
+                .and_then(|mut s| s.exists([by.0 as i64, who.0 as i64]))
+                .map_err(read_err)
+        })
+    }
+
+    fn group_create(
+        &self,
+        owner: UserId,
+        name: String,
+        members: Vec<UserId>,
+        join_policy: i32,
+        now_ms: i64,
+        max_members: u32,
+    ) -> StoreFut<GroupChange> {
+        self.write(move |w, d| {
+            w.group_create(owner, name, members, join_policy, now_ms, max_members, d)
+        })
+    }
+
+    fn group_op(
+        &self,
+        actor: UserId,
+        group: u64,
+        op: GroupOp,
+        now_ms: i64,
+        max_members: u32,
+    ) -> StoreFut<GroupChange> {
+        self.write(move |w, d| w.group_op(actor, group, op, now_ms, max_members, d))
+    }
+
+    fn group_join(
+        &self,
+        user: UserId,
+        group: u64,
+        message: String,
+        now_ms: i64,
+        max_members: u32,
+    ) -> StoreFut<JoinOutcome> {
+        self.write(move |w, d| w.group_join(user, group, message, now_ms, max_members, d))
+    }
+
+    fn send_group(&self, group: u64, input: SendInput) -> StoreFut<GroupSendOutcome> {
+        self.write(move |w, d| w.send_group(group, input, d))
+    }
+
+    fn group_info(&self, group: u64) -> StoreFut<Option<GroupInfo>> {
+        self.read(move |c| social::group_info(c, group))
+    }
+
+    fn group_role(&self, group: u64, user: UserId) -> StoreFut<Option<i32>> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT role FROM group_members WHERE group_id=?1 AND user_id=?2")
+                .and_then(|mut s| {
+                    s.query_row([group as i64, user.0 as i64], |r| r.get::<_, i64>(0))
+                        .optional()
+                })
+                .map(|r| r.map(|x| x as i32))
+                .map_err(read_err)
+        })
+    }
+
+    fn group_members(
+        &self,
+        group: u64,
+        offset: u32,
+        limit: u32,
+    ) -> StoreFut<(Vec<GroupMemberRec>, bool)> {
+        self.read(move |c| social::group_members(c, group, offset, limit))
+    }
+
+    fn group_member_ids(&self, group: u64) -> StoreFut<Vec<UserId>> {
+        self.read(move |c| {
+            social::ids(
+                c,
+                "SELECT user_id FROM group_members WHERE group_id=?1",
+                group as i64,
+            )
+        })
+    }
+
+    fn user_groups(&self, user: UserId) -> StoreFut<Vec<GroupInfo>> {
+        self.read(move |c| social::user_groups(c, user))
+    }
+
+    fn group_join_requests(&self, group: u64) -> StoreFut<Vec<(UserId, String, i64)>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached("SELECT user_id, message, time_ms FROM group_join_requests WHERE group_id=?1 ORDER BY time_ms")
+                .map_err(read_err)?;
+            let rows = s
+                .query_map([group as i64], |r| {
+                    Ok((UserId(r.get::<_, i64>(0)? as u64), r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                })
+                .map_err(read_err)?;
+            rows.collect::<Result<_, _>>().map_err(read_err)
+        })
+    }
+
+    fn group_heads(&self, user: UserId) -> StoreFut<Vec<(u64, ConvId, u64, u64)>> {
+        self.read(move |c| social::group_heads(c, user))
+    }
+
+    fn is_member(&self, conv: ConvId, user: UserId) -> StoreFut<bool> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM members WHERE user_id=?1 AND conv_id=?2")
+                .and_then(|mut s| s.exists([user.0 as i64, conv.0 as i64]))
+                .map_err(read_err)
+        })
+    }
+
+    fn recall(
+        &self,
+        user: UserId,
+        message_id: u64,
+        now_ms: i64,
+        window_ms: i64,
+    ) -> StoreFut<RecallOutcome> {
+        self.write(move |w, d| w.recall(user, message_id, now_ms, window_ms, d))
+    }
+
+    fn hide(&self, user: UserId, message_ids: Vec<u64>) -> StoreFut<()> {
+        self.write(move |w, _| w.hide(user, message_ids))
     }
 
     fn shutdown(&self) -> StoreFut<()> {

@@ -75,6 +75,112 @@ enum Cmd {
     },
     /// Interactive chat with a user: type a line to send it; Ctrl-D to quit.
     Chat { peer: String },
+    /// Friend requests and friendship.
+    Friend {
+        #[command(subcommand)]
+        cmd: FriendCmd,
+    },
+    /// Your friends, with presence.
+    Friends {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block a user: they can neither message nor befriend you.
+    Block { user: String },
+    /// Unblock a user.
+    Unblock { user: String },
+    /// Groups.
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+    /// Your groups.
+    Groups {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recall a message you sent (within the server's recall window).
+    Recall { message_id: u64 },
+    /// Presence of users.
+    Presence {
+        users: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FriendCmd {
+    /// Ask a user to be friends.
+    Add {
+        user: String,
+        #[arg(long, default_value = "")]
+        message: String,
+    },
+    /// Accept a user's friend request.
+    Accept { user: String },
+    /// Reject a user's friend request.
+    Reject { user: String },
+    /// End a friendship.
+    Remove { user: String },
+    /// Pending requests, to and from you.
+    Requests {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Create a group with these members; prints its group_id.
+    Create {
+        name: String,
+        members: Vec<String>,
+        /// Anyone may join without approval.
+        #[arg(long)]
+        open: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a text to a group.
+    Send {
+        group_id: u64,
+        text: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The group's members.
+    Members {
+        group_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a user to the group.
+    Invite { group_id: u64, user: String },
+    /// Remove a user from the group.
+    Kick { group_id: u64, user: String },
+    /// Leave the group.
+    Leave { group_id: u64 },
+    /// Mute a member for SECS seconds (0 unmutes).
+    Mute {
+        group_id: u64,
+        user: String,
+        secs: u32,
+    },
+    /// Join a group (or ask to, when it needs approval).
+    Join {
+        group_id: u64,
+        #[arg(long, default_value = "")]
+        message: String,
+    },
+    /// Messages of a group, oldest first.
+    History {
+        group_id: u64,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn state_dir() -> PathBuf {
@@ -165,6 +271,14 @@ fn fmt_time(ms: i64) -> String {
     let secs = ms / 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     format!("{h:02}:{m:02}:{s:02}Z")
+}
+
+fn presence_name(p: i32) -> &'static str {
+    match pb::PresenceStatus::try_from(p) {
+        Ok(pb::PresenceStatus::Online) => "online",
+        Ok(pb::PresenceStatus::Away) => "away",
+        _ => "offline",
+    }
 }
 
 fn need(v: &Option<String>, what: &str) -> anyhow::Result<String> {
@@ -270,10 +384,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let peer_id = c.user_id(peer).await?;
             let r = c
                 .history(pb::HistoryRequest {
-                    conversation_id: 0,
                     peer_user_id: peer_id,
-                    before_seq: 0,
                     limit: *limit,
+                    ..Default::default()
                 })
                 .await?;
             let mut names = Names {
@@ -372,6 +485,252 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             let _ = s.ack().await;
+        }
+        Cmd::Friend { cmd } => {
+            let (c, _) = cli.logged_in().await?;
+            match cmd {
+                FriendCmd::Add { user, message } => {
+                    let id = c.user_id(user).await?;
+                    if c.friend_request(id, message).await? {
+                        println!("{user} had asked you: you are now friends");
+                    } else {
+                        println!("friend request sent to {user}");
+                    }
+                }
+                FriendCmd::Accept { user } => {
+                    c.friend_accept(c.user_id(user).await?).await?;
+                    println!("you and {user} are now friends");
+                }
+                FriendCmd::Reject { user } => {
+                    c.friend_reject(c.user_id(user).await?).await?;
+                    println!("rejected {user}'s request");
+                }
+                FriendCmd::Remove { user } => {
+                    c.friend_remove(c.user_id(user).await?).await?;
+                    println!("removed {user} from your friends");
+                }
+                FriendCmd::Requests { json } => {
+                    for r in c.friend_requests().await? {
+                        let name = r.user.map(|u| u.username).unwrap_or_default();
+                        if *json {
+                            println!(
+                                "{}",
+                                serde_json::json!({"user": name, "message": r.message, "time": r.time_ms, "incoming": r.incoming})
+                            );
+                        } else if r.incoming {
+                            println!("from {name}: {}", r.message);
+                        } else {
+                            println!("to {name}: {}", r.message);
+                        }
+                    }
+                }
+            }
+        }
+        Cmd::Friends { json } => {
+            let (c, _) = cli.logged_in().await?;
+            let mut offset = 0;
+            loop {
+                let r = c.friends(offset, 0).await?;
+                for f in &r.friends {
+                    let u = f.user.clone().unwrap_or_default();
+                    let status = presence_name(f.presence);
+                    if *json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"id": u.id, "username": u.username, "nickname": u.nickname, "remark": f.remark, "category": f.category_id, "presence": status, "last_seen": f.last_seen_ms})
+                        );
+                    } else {
+                        println!("{} ({status})", u.username);
+                    }
+                }
+                offset += r.friends.len() as u32;
+                if !r.has_more || r.friends.is_empty() {
+                    break;
+                }
+            }
+        }
+        Cmd::Block { user } => {
+            let (c, _) = cli.logged_in().await?;
+            c.block(c.user_id(user).await?).await?;
+            println!("blocked {user}");
+        }
+        Cmd::Unblock { user } => {
+            let (c, _) = cli.logged_in().await?;
+            c.unblock(c.user_id(user).await?).await?;
+            println!("unblocked {user}");
+        }
+        Cmd::Group { cmd } => {
+            let (c, _) = cli.logged_in().await?;
+            match cmd {
+                GroupCmd::Create {
+                    name,
+                    members,
+                    open,
+                    json,
+                } => {
+                    let mut ids = Vec::new();
+                    for m in members {
+                        ids.push(c.user_id(m).await?);
+                    }
+                    let policy = if *open {
+                        pb::JoinPolicy::Open
+                    } else {
+                        pb::JoinPolicy::Approval
+                    };
+                    let g = c.group_create(name, ids, policy).await?;
+                    if *json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"group_id": g.id, "conversation": g.conversation_id, "name": g.name, "members": g.member_count})
+                        );
+                    } else {
+                        println!("group_id {}", g.id);
+                    }
+                }
+                GroupCmd::Send {
+                    group_id,
+                    text,
+                    json,
+                } => {
+                    let ack = c.send_group_text(*group_id, text).await?;
+                    if *json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"id": ack.message_id, "conversation": ack.conversation_id, "seq": ack.seq, "time": ack.time_ms, "group": group_id})
+                        );
+                    } else {
+                        println!(
+                            "sent to group {group_id}: id {} seq {}",
+                            ack.message_id, ack.seq
+                        );
+                    }
+                }
+                GroupCmd::Members { group_id, json } => {
+                    let mut names = Names {
+                        client: &c,
+                        cache: HashMap::new(),
+                    };
+                    let mut offset = 0;
+                    loop {
+                        let r = c.group_members(*group_id, offset, 0).await?;
+                        for m in &r.members {
+                            let name = names.name(m.user_id).await;
+                            let role = pb::GroupRole::try_from(m.role)
+                                .map(|r| r.as_str_name())
+                                .unwrap_or("MEMBER");
+                            if *json {
+                                println!(
+                                    "{}",
+                                    serde_json::json!({"user": name, "id": m.user_id, "role": role, "joined": m.joined_ms, "muted_until": m.muted_until_ms})
+                                );
+                            } else {
+                                println!("{name} {}", role.to_lowercase());
+                            }
+                        }
+                        offset += r.members.len() as u32;
+                        if !r.has_more || r.members.is_empty() {
+                            break;
+                        }
+                    }
+                }
+                GroupCmd::Invite { group_id, user } => {
+                    c.group_invite(*group_id, vec![c.user_id(user).await?])
+                        .await?;
+                    println!("added {user} to group {group_id}");
+                }
+                GroupCmd::Kick { group_id, user } => {
+                    c.group_kick(*group_id, c.user_id(user).await?).await?;
+                    println!("removed {user} from group {group_id}");
+                }
+                GroupCmd::Leave { group_id } => {
+                    c.group_leave(*group_id).await?;
+                    println!("left group {group_id}");
+                }
+                GroupCmd::Mute {
+                    group_id,
+                    user,
+                    secs,
+                } => {
+                    c.group_mute(*group_id, c.user_id(user).await?, *secs)
+                        .await?;
+                    if *secs == 0 {
+                        println!("unmuted {user} in group {group_id}");
+                    } else {
+                        println!("muted {user} in group {group_id} for {secs} s");
+                    }
+                }
+                GroupCmd::Join { group_id, message } => {
+                    if c.group_join(*group_id, message).await? {
+                        println!("joined group {group_id}");
+                    } else {
+                        println!("asked to join group {group_id}; waiting for approval");
+                    }
+                }
+                GroupCmd::History {
+                    group_id,
+                    limit,
+                    json,
+                } => {
+                    let r = c
+                        .history(pb::HistoryRequest {
+                            group_id: *group_id,
+                            limit: *limit,
+                            ..Default::default()
+                        })
+                        .await?;
+                    let mut names = Names {
+                        client: &c,
+                        cache: HashMap::new(),
+                    };
+                    for m in &r.messages {
+                        print_message(&mut names, m, *json).await;
+                    }
+                }
+            }
+        }
+        Cmd::Groups { json } => {
+            let (c, _) = cli.logged_in().await?;
+            for g in c.groups().await? {
+                if *json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"group_id": g.id, "name": g.name, "members": g.member_count, "owner": g.owner_id, "last_seq": g.last_seq})
+                    );
+                } else {
+                    println!("{} {} ({} members)", g.id, g.name, g.member_count);
+                }
+            }
+        }
+        Cmd::Recall { message_id } => {
+            let (c, _) = cli.logged_in().await?;
+            c.recall(*message_id).await?;
+            println!("recalled message {message_id}");
+        }
+        Cmd::Presence { users, json } => {
+            let (c, _) = cli.logged_in().await?;
+            let mut ids = Vec::new();
+            for u in users {
+                ids.push((c.user_id(u).await?, u.clone()));
+            }
+            let got = c.presence(ids.iter().map(|(i, _)| *i).collect()).await?;
+            for p in got {
+                let name = ids
+                    .iter()
+                    .find(|(i, _)| *i == p.user_id)
+                    .map(|(_, n)| n.clone())
+                    .unwrap_or_default();
+                let status = presence_name(p.status);
+                if *json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"user": name, "status": status, "last_seen": p.last_seen_ms})
+                    );
+                } else if p.last_seen_ms > 0 {
+                    println!("{name}: {status} (last seen {})", fmt_time(p.last_seen_ms));
+                } else {
+                    println!("{name}: {status}");
+                }
+            }
         }
     }
     Ok(())
