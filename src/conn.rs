@@ -163,11 +163,20 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(s) = self.conn.session.borrow_mut().take() {
-            self.ctx
+        let session = self.conn.session.borrow_mut().take();
+        if let Some(s) = session {
+            let (before, after) = self
+                .ctx
                 .shared
                 .dir
                 .unregister(s.user, self.ctx.id, self.conn.id);
+            self.ctx.presence_changed(s.user, before, after);
+        }
+        for u in self.conn.watching.borrow_mut().drain(..) {
+            self.ctx
+                .shared
+                .watchers
+                .remove(u, (self.ctx.id, self.conn.id));
         }
         self.ctx.conns.borrow_mut().remove(&self.conn.id);
         self.ctx.shared.connections.fetch_sub(1, Ordering::AcqRel);

@@ -89,12 +89,6 @@ pub async fn subscribe(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -
 pub async fn typing(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
     let s = me(conn)?;
     let req: TypingRequest = decode(body)?;
-    if !conn.take_typing_token(ctx.shared.cfg.presence.typing_per_sec) {
-        return Err(ApiError::new(
-            ErrorCode::RateLimited,
-            "too many typing notices; slow down",
-        ));
-    }
     let store = &ctx.shared.store;
     let push = TypingPush {
         user_id: s.user.0,
@@ -108,6 +102,12 @@ pub async fn typing(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
     if req.group_id == 0 && (req.to_user_id == 0 || req.to_user_id == s.user.0) {
         return Err(ApiError::bad_request(
             "to_user_id (another user) or group_id is required",
+        ));
+    }
+    if !conn.take_typing_token(ctx.shared.cfg.presence.typing_per_sec) {
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            "too many typing notices; slow down",
         ));
     }
     match (req.to_user_id, req.group_id) {
