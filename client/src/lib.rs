@@ -940,6 +940,9 @@ pub struct SessionOptions {
     pub connect: ConnectOptions,
     /// Give up reconnecting after this long without a connection.
     pub reconnect_for: Duration,
+    /// Per group, the last seq this device already holds (a client keeps these with
+    /// its local messages); groups not listed start from the user's read mark.
+    pub group_cursors: HashMap<u64, u64>,
 }
 
 /// A logged-in device that reconnects and re-syncs by itself. See the crate docs.
@@ -959,18 +962,24 @@ pub struct Session {
 impl Session {
     /// Connects, logs in and syncs (the first events are what the device missed).
     pub async fn start(opts: SessionOptions) -> Result<Session, ClientError> {
+        let group_seqs = opts.group_cursors.clone();
         let mut s = Session {
             opts,
             client: None,
             pushes: None,
             pts: None,
             acked: None,
-            group_seqs: HashMap::new(),
+            group_seqs,
             queue: VecDeque::new(),
             user_id: 0,
         };
         s.connect_once().await?;
         Ok(s)
+    }
+
+    /// Per group, the last seq this device holds (to keep for the next session).
+    pub fn group_cursors(&self) -> &HashMap<u64, u64> {
+        &self.group_seqs
     }
 
     /// The live connection (for requests such as send or history).

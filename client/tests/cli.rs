@@ -173,8 +173,10 @@ fn the_tour() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("NOT_FOUND"));
     // The device id is kept per user and platform.
-    let devices = std::fs::read_to_string(e.home.path().join("devices.json")).unwrap();
-    assert!(devices.contains("bob/desktop") && devices.contains("bob/mobile"));
+    let d = e.home.path().join("devices");
+    let desktop = std::fs::read_to_string(d.join("bob@desktop")).unwrap();
+    let mobile = std::fs::read_to_string(d.join("bob@mobile")).unwrap();
+    assert!(desktop.starts_with("cli-desktop-") && mobile.starts_with("cli-mobile-"));
 }
 
 #[test]
@@ -230,4 +232,128 @@ fn chat_sends_lines_and_prints_replies() {
     ]));
     let texts: Vec<&str> = h.iter().map(|m| m["text"].as_str().unwrap()).collect();
     assert_eq!(texts, vec!["first line", "second line", "reply"]);
+}
+
+#[test]
+fn social_tour() {
+    let e = server();
+    for (u, p) in [
+        ("alice", "alice-secret"),
+        ("bob", "bob-secret"),
+        ("carol", "carol-secret"),
+        ("dave", "dave-secret"),
+    ] {
+        e.ok(&["register", u, p]);
+    }
+    let alice = ["--user", "alice", "--password", "alice-secret"];
+    let bob = ["--user", "bob", "--password", "bob-secret"];
+    let carol = ["--user", "carol", "--password", "carol-secret"];
+    let dave = ["--user", "dave", "--password", "dave-secret"];
+    let run = |who: &[&str], args: &[&str]| e.ok(&[who, args].concat());
+    // alice and bob become friends.
+    assert!(
+        run(&alice, &["friend", "add", "bob", "--message", "hi bob"])
+            .contains("friend request sent")
+    );
+    let reqs = json_lines(&run(&bob, &["friend", "requests", "--json"]));
+    assert_eq!(
+        (
+            reqs[0]["user"].as_str(),
+            reqs[0]["message"].as_str(),
+            reqs[0]["incoming"].as_bool()
+        ),
+        (Some("alice"), Some("hi bob"), Some(true))
+    );
+    run(&bob, &["friend", "accept", "alice"]);
+    let friends = json_lines(&run(&alice, &["friends", "--json"]));
+    assert_eq!(friends.len(), 1);
+    assert_eq!(friends[0]["username"], "bob");
+    // A group of three.
+    let created = json_lines(&run(
+        &alice,
+        &["group", "create", "trio", "bob", "carol", "--json"],
+    ));
+    let gid = created[0]["group_id"].as_u64().unwrap();
+    assert_eq!(created[0]["members"], 3);
+    let plain = run(&alice, &["group", "create", "other", "bob"]);
+    assert!(plain.starts_with("group_id "), "{plain}");
+    let members = json_lines(&run(
+        &bob,
+        &["group", "members", &gid.to_string(), "--json"],
+    ));
+    assert_eq!(
+        members
+            .iter()
+            .map(|m| m["user"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["alice", "bob", "carol"]
+    );
+    assert_eq!(members[0]["role"], "OWNER");
+    // carol catches up with everything so far, then goes offline.
+    run(&carol, &["recv", "--wait", "1", "--json"]);
+    // bob is online and gets the group message live.
+    let live = e
+        .cmd(&[&bob[..], &["recv", "--wait", "3", "--json"]].concat())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    run(&alice, &["group", "send", &gid.to_string(), "hello trio"]);
+    let o = live.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = json_lines(&String::from_utf8(o.stdout).unwrap());
+    let m = got
+        .iter()
+        .find(|m| m["text"] == "hello trio")
+        .expect("the group message, live");
+    assert_eq!(
+        (m["group"].as_u64(), m["from"].as_str()),
+        (Some(gid), Some("alice"))
+    );
+    assert!(m["to"].is_null());
+    // carol was offline: her next recv brings it, and only it.
+    let later = json_lines(&run(&carol, &["recv", "--wait", "1", "--json"]));
+    let texts: Vec<&str> = later.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec!["hello trio"]);
+    assert_eq!(later[0]["group"].as_u64(), Some(gid));
+    assert_eq!(run(&carol, &["recv", "--wait", "1", "--json"]), "");
+    // System messages carry their kind.
+    let hist = json_lines(&run(
+        &carol,
+        &["group", "history", &gid.to_string(), "--json"],
+    ));
+    assert_eq!(hist[0]["kind"], "SYSTEM");
+    // A non-member's group send is refused.
+    let o = e.run(&[&dave[..], &["group", "send", &gid.to_string(), "let me in"]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("FORBIDDEN"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A blocked user's message is refused.
+    run(&bob, &["block", "dave"]);
+    let o = e.run(&[&dave[..], &["send", "bob", "hello?"]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("FORBIDDEN"));
+    run(&bob, &["unblock", "dave"]);
+    run(&dave, &["send", "bob", "hello again"]);
+    // Mute, kick, leave, recall, presence.
+    run(&alice, &["group", "mute", &gid.to_string(), "carol", "60"]);
+    let o = e.run(&[&carol[..], &["group", "send", &gid.to_string(), "muted?"]].concat());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("muted in this group until"));
+    run(&alice, &["group", "invite", &gid.to_string(), "dave"]);
+    run(&alice, &["group", "kick", &gid.to_string(), "dave"]);
+    run(&bob, &["group", "leave", &gid.to_string()]);
+    let sent = json_lines(&run(&alice, &["send", "bob", "take this back", "--json"]));
+    let id = sent[0]["id"].as_u64().unwrap().to_string();
+    assert!(run(&alice, &["recall", &id]).contains("recalled"));
+    let h = json_lines(&run(&bob, &["history", "alice", "--json"]));
+    assert!(h.iter().any(|m| m["recalled"] == true));
+    let p = json_lines(&run(&alice, &["presence", "bob", "--json"]));
+    assert_eq!(p[0]["status"], "offline");
+    assert!(p[0]["last_seen"].as_i64().unwrap() > 0);
+    run(&alice, &["friend", "remove", "bob"]);
+    assert_eq!(run(&alice, &["friends", "--json"]), "");
 }

@@ -86,9 +86,15 @@ enum Cmd {
         json: bool,
     },
     /// Block a user: they can neither message nor befriend you.
-    Block { user: String },
+    Block {
+        #[arg(value_name = "USER")]
+        who: String,
+    },
     /// Unblock a user.
-    Unblock { user: String },
+    Unblock {
+        #[arg(value_name = "USER")]
+        who: String,
+    },
     /// Groups.
     Group {
         #[command(subcommand)]
@@ -103,7 +109,8 @@ enum Cmd {
     Recall { message_id: u64 },
     /// Presence of users.
     Presence {
-        users: Vec<String>,
+        #[arg(value_name = "USER")]
+        names: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -113,16 +120,26 @@ enum Cmd {
 enum FriendCmd {
     /// Ask a user to be friends.
     Add {
-        user: String,
+        #[arg(value_name = "USER")]
+        who: String,
         #[arg(long, default_value = "")]
         message: String,
     },
     /// Accept a user's friend request.
-    Accept { user: String },
+    Accept {
+        #[arg(value_name = "USER")]
+        who: String,
+    },
     /// Reject a user's friend request.
-    Reject { user: String },
+    Reject {
+        #[arg(value_name = "USER")]
+        who: String,
+    },
     /// End a friendship.
-    Remove { user: String },
+    Remove {
+        #[arg(value_name = "USER")]
+        who: String,
+    },
     /// Pending requests, to and from you.
     Requests {
         #[arg(long)]
@@ -156,15 +173,24 @@ enum GroupCmd {
         json: bool,
     },
     /// Add a user to the group.
-    Invite { group_id: u64, user: String },
+    Invite {
+        group_id: u64,
+        #[arg(value_name = "USER")]
+        who: String,
+    },
     /// Remove a user from the group.
-    Kick { group_id: u64, user: String },
+    Kick {
+        group_id: u64,
+        #[arg(value_name = "USER")]
+        who: String,
+    },
     /// Leave the group.
     Leave { group_id: u64 },
     /// Mute a member for SECS seconds (0 unmutes).
     Mute {
         group_id: u64,
-        user: String,
+        #[arg(value_name = "USER")]
+        who: String,
         secs: u32,
     },
     /// Join a group (or ask to, when it needs approval).
@@ -194,25 +220,48 @@ fn state_dir() -> PathBuf {
     PathBuf::from(home).join(".local/state/mychat-cli")
 }
 
-/// The stored device id for (user, platform), created on first use.
+/// Writes a state file atomically (a temporary file named for this process, then a
+/// rename), so concurrent runs never see half a file.
+fn write_state(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The stored device id for (user, platform), created on first use: one file per
+/// user and platform under `devices/`.
 fn device_id(user: &str, platform: &str) -> anyhow::Result<String> {
-    let dir = state_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("devices.json");
-    let mut map: HashMap<String, String> = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    let key = format!("{user}/{platform}");
-    if let Some(d) = map.get(&key) {
-        return Ok(d.clone());
+    let path = state_dir()
+        .join("devices")
+        .join(format!("{user}@{platform}"));
+    if let Ok(d) = std::fs::read_to_string(&path) {
+        let d = d.trim().to_string();
+        if !d.is_empty() {
+            return Ok(d);
+        }
     }
     let id = format!("cli-{platform}-{:016x}", rand::random::<u64>());
-    map.insert(key, id.clone());
-    let tmp = dir.join("devices.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&map)?)?;
-    std::fs::rename(&tmp, &path)?;
+    write_state(&path, &id)?;
     Ok(id)
+}
+
+/// The last seq this device holds per group, kept in the state directory like a
+/// real client's local store (`groups/<user>@<platform>.json`).
+fn load_group_cursors(key: &str) -> HashMap<u64, u64> {
+    let path = state_dir().join("groups").join(format!("{key}.json"));
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn save_group_cursors(key: &str, cursors: &HashMap<u64, u64>) -> anyhow::Result<()> {
+    let path = state_dir().join("groups").join(format!("{key}.json"));
+    write_state(&path, &serde_json::to_string(cursors)?)
 }
 
 fn platform(name: &str) -> anyhow::Result<pb::Platform> {
@@ -246,22 +295,38 @@ impl<'a> Names<'a> {
 
 async fn print_message(names: &mut Names<'_>, m: &pb::Message, json: bool) {
     let from = names.name(m.sender_id).await;
-    let to = names.name(m.recipient_id).await;
+    let to = if m.group_id == 0 {
+        Some(names.name(m.recipient_id).await)
+    } else {
+        None
+    };
+    let text = if m.recalled {
+        "(recalled)".to_string()
+    } else {
+        m.text.clone()
+    };
     if json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "id": m.id, "conversation": m.conversation_id, "seq": m.seq,
-            "from": from, "to": to, "text": m.text, "time": m.time_ms,
+            "from": from, "to": to, "text": text, "time": m.time_ms,
             "kind": pb::MessageKind::try_from(m.kind).map(|k| k.as_str_name()).unwrap_or("UNKNOWN"),
         });
+        if m.group_id != 0 {
+            v["group"] = m.group_id.into();
+        }
+        if m.recalled {
+            v["recalled"] = true.into();
+        }
         println!("{v}");
     } else {
+        let to = to.unwrap_or_else(|| format!("group {}", m.group_id));
         println!(
             "[{}] #{} {} -> {}: {}",
             fmt_time(m.time_ms),
             m.seq,
             from,
             to,
-            m.text
+            text
         );
     }
     let _ = std::io::stdout().flush();
@@ -348,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Recv { wait, json } => {
             let l = cli.login()?;
+            let key = format!("{}@{}", l.user, cli.platform);
             let mut s = Session::start(SessionOptions {
                 addr: cli.server.clone(),
                 username: l.user,
@@ -356,6 +422,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 platform: l.platform,
                 connect: ConnectOptions::default(),
                 reconnect_for: Duration::from_secs(3600),
+                group_cursors: load_group_cursors(&key),
             })
             .await?;
             let wait = wait.map(Duration::from_secs_f64);
@@ -378,6 +445,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             let _ = s.ack().await;
+            save_group_cursors(&key, s.group_cursors())?;
         }
         Cmd::History { peer, limit, json } => {
             let (c, _) = cli.logged_in().await?;
@@ -441,6 +509,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 platform: l.platform,
                 connect: ConnectOptions::default(),
                 reconnect_for: Duration::from_secs(3600),
+                group_cursors: load_group_cursors(&format!("{}@{}", l.user, cli.platform)),
             })
             .await?;
             let c = s.client().ok_or(ClientError::Disconnected)?;
@@ -489,7 +558,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Friend { cmd } => {
             let (c, _) = cli.logged_in().await?;
             match cmd {
-                FriendCmd::Add { user, message } => {
+                FriendCmd::Add { who: user, message } => {
                     let id = c.user_id(user).await?;
                     if c.friend_request(id, message).await? {
                         println!("{user} had asked you: you are now friends");
@@ -497,15 +566,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("friend request sent to {user}");
                     }
                 }
-                FriendCmd::Accept { user } => {
+                FriendCmd::Accept { who: user } => {
                     c.friend_accept(c.user_id(user).await?).await?;
                     println!("you and {user} are now friends");
                 }
-                FriendCmd::Reject { user } => {
+                FriendCmd::Reject { who: user } => {
                     c.friend_reject(c.user_id(user).await?).await?;
                     println!("rejected {user}'s request");
                 }
-                FriendCmd::Remove { user } => {
+                FriendCmd::Remove { who: user } => {
                     c.friend_remove(c.user_id(user).await?).await?;
                     println!("removed {user} from your friends");
                 }
@@ -549,12 +618,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Block { user } => {
+        Cmd::Block { who: user } => {
             let (c, _) = cli.logged_in().await?;
             c.block(c.user_id(user).await?).await?;
             println!("blocked {user}");
         }
-        Cmd::Unblock { user } => {
+        Cmd::Unblock { who: user } => {
             let (c, _) = cli.logged_in().await?;
             c.unblock(c.user_id(user).await?).await?;
             println!("unblocked {user}");
@@ -633,12 +702,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                     }
                 }
-                GroupCmd::Invite { group_id, user } => {
+                GroupCmd::Invite {
+                    group_id,
+                    who: user,
+                } => {
                     c.group_invite(*group_id, vec![c.user_id(user).await?])
                         .await?;
                     println!("added {user} to group {group_id}");
                 }
-                GroupCmd::Kick { group_id, user } => {
+                GroupCmd::Kick {
+                    group_id,
+                    who: user,
+                } => {
                     c.group_kick(*group_id, c.user_id(user).await?).await?;
                     println!("removed {user} from group {group_id}");
                 }
@@ -648,7 +723,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 GroupCmd::Mute {
                     group_id,
-                    user,
+                    who: user,
                     secs,
                 } => {
                     c.group_mute(*group_id, c.user_id(user).await?, *secs)
@@ -706,7 +781,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             c.recall(*message_id).await?;
             println!("recalled message {message_id}");
         }
-        Cmd::Presence { users, json } => {
+        Cmd::Presence { names: users, json } => {
             let (c, _) = cli.logged_in().await?;
             let mut ids = Vec::new();
             for u in users {
@@ -757,5 +832,17 @@ fn main() {
             _ => eprintln!("error: {e}"),
         }
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Catches clashing argument ids (a subcommand's positional named like a global
+    /// option would silently replace it).
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }
