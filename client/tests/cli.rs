@@ -333,7 +333,11 @@ fn social_tour() {
         String::from_utf8_lossy(&o.stderr)
     );
     // A blocked user's message is refused.
-    run(&bob, &["block", "dave"]);
+    let b = json_lines(&run(&bob, &["block", "dave", "--json"]));
+    assert_eq!(
+        (b[0]["user"].as_str(), b[0]["blocked"].as_bool()),
+        (Some("dave"), Some(true))
+    );
     let o = e.run(&[&dave[..], &["send", "bob", "hello?"]].concat());
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("FORBIDDEN"));

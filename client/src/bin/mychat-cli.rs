@@ -37,6 +37,9 @@ struct Cli {
     /// Device id (default: one kept per user and platform in the state directory).
     #[arg(long, global = true)]
     device: Option<String>,
+    /// Print results as JSON, one object per line.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -46,33 +49,21 @@ enum Cmd {
     /// Create an account.
     Register { username: String, password: String },
     /// Send a text message to a user.
-    Send {
-        to: String,
-        text: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Send { to: String, text: String },
     /// Print what was missed, then messages as they arrive.
     Recv {
         /// Exit after this many seconds without a new message.
         #[arg(long)]
         wait: Option<f64>,
-        #[arg(long)]
-        json: bool,
     },
     /// Messages exchanged with a user, oldest first.
     History {
         peer: String,
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        #[arg(long)]
-        json: bool,
     },
     /// Conversations, most recent first, with unread counts.
-    Conversations {
-        #[arg(long)]
-        json: bool,
-    },
+    Conversations {},
     /// Interactive chat with a user: type a line to send it; Ctrl-D to quit.
     Chat { peer: String },
     /// Friend requests and friendship.
@@ -81,10 +72,7 @@ enum Cmd {
         cmd: FriendCmd,
     },
     /// Your friends, with presence.
-    Friends {
-        #[arg(long)]
-        json: bool,
-    },
+    Friends {},
     /// Block a user: they can neither message nor befriend you.
     Block {
         #[arg(value_name = "USER")]
@@ -101,18 +89,13 @@ enum Cmd {
         cmd: GroupCmd,
     },
     /// Your groups.
-    Groups {
-        #[arg(long)]
-        json: bool,
-    },
+    Groups {},
     /// Recall a message you sent (within the server's recall window).
     Recall { message_id: u64 },
     /// Presence of users.
     Presence {
         #[arg(value_name = "USER")]
         names: Vec<String>,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -141,10 +124,7 @@ enum FriendCmd {
         who: String,
     },
     /// Pending requests, to and from you.
-    Requests {
-        #[arg(long)]
-        json: bool,
-    },
+    Requests {},
 }
 
 #[derive(Subcommand)]
@@ -156,22 +136,11 @@ enum GroupCmd {
         /// Anyone may join without approval.
         #[arg(long)]
         open: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Send a text to a group.
-    Send {
-        group_id: u64,
-        text: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Send { group_id: u64, text: String },
     /// The group's members.
-    Members {
-        group_id: u64,
-        #[arg(long)]
-        json: bool,
-    },
+    Members { group_id: u64 },
     /// Add a user to the group.
     Invite {
         group_id: u64,
@@ -204,8 +173,6 @@ enum GroupCmd {
         group_id: u64,
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -338,6 +305,15 @@ fn fmt_time(ms: i64) -> String {
     format!("{h:02}:{m:02}:{s:02}Z")
 }
 
+/// Prints a result: the JSON object with --json, else the sentence.
+fn say(json: bool, v: serde_json::Value, text: String) {
+    if json {
+        println!("{v}");
+    } else {
+        println!("{text}");
+    }
+}
+
 fn presence_name(p: i32) -> &'static str {
     match pb::PresenceStatus::try_from(p) {
         Ok(pb::PresenceStatus::Online) => "online",
@@ -389,17 +365,22 @@ impl Cli {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
     match &cli.cmd {
         Cmd::Register { username, password } => {
             let c = cli.connect().await?;
             let id = c.register(username, password).await?;
-            println!("registered {username} (user id {id})");
+            say(
+                json,
+                serde_json::json!({"user": username, "id": id}),
+                format!("registered {username} (user id {id})"),
+            );
         }
-        Cmd::Send { to, text, json } => {
+        Cmd::Send { to, text } => {
             let (c, _) = cli.logged_in().await?;
             let to_id = c.user_id(to).await?;
             let ack = c.send_text(to_id, text).await?;
-            if *json {
+            if json {
                 println!(
                     "{}",
                     serde_json::json!({"id": ack.message_id, "conversation": ack.conversation_id, "seq": ack.seq, "time": ack.time_ms})
@@ -411,7 +392,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Recv { wait, json } => {
+        Cmd::Recv { wait } => {
             let l = cli.login()?;
             let key = format!("{}@{}", l.user, cli.platform);
             let mut s = Session::start(SessionOptions {
@@ -438,7 +419,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         client: &c,
                         cache: HashMap::new(),
                     };
-                    print_message(&mut names, &m, *json).await;
+                    print_message(&mut names, &m, json).await;
                     if m.sender_id != s.user_id {
                         let _ = c.delivered(m.conversation_id, m.seq).await;
                     }
@@ -447,7 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = s.ack().await;
             save_group_cursors(&key, s.group_cursors())?;
         }
-        Cmd::History { peer, limit, json } => {
+        Cmd::History { peer, limit } => {
             let (c, _) = cli.logged_in().await?;
             let peer_id = c.user_id(peer).await?;
             let r = c
@@ -462,10 +443,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cache: HashMap::new(),
             };
             for m in &r.messages {
-                print_message(&mut names, m, *json).await;
+                print_message(&mut names, m, json).await;
             }
         }
-        Cmd::Conversations { json } => {
+        Cmd::Conversations {} => {
             let (c, _) = cli.logged_in().await?;
             let mut names = Names {
                 client: &c,
@@ -481,7 +462,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .as_ref()
                         .map(|m| m.text.clone())
                         .unwrap_or_default();
-                    if *json {
+                    if json {
                         println!(
                             "{}",
                             serde_json::json!({"conversation": cv.id, "peer": peer, "last_seq": cv.last_seq, "read_seq": cv.read_seq, "unread": cv.unread, "last_text": last, "last_time": cv.last_message.as_ref().map(|m| m.time_ms)})
@@ -544,7 +525,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             if m.sender_id == peer_id || m.recipient_id == peer_id {
                                 let c = s.client().ok_or(ClientError::Disconnected)?;
                                 let mut names = Names { client: &c, cache: HashMap::new() };
-                                print_message(&mut names, &m, false).await;
+                                print_message(&mut names, &m, json).await;
                                 if m.sender_id == peer_id {
                                     let _ = c.read(m.conversation_id, m.seq).await;
                                 }
@@ -561,27 +542,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 FriendCmd::Add { who: user, message } => {
                     let id = c.user_id(user).await?;
                     if c.friend_request(id, message).await? {
-                        println!("{user} had asked you: you are now friends");
+                        say(
+                            json,
+                            serde_json::json!({"user": user, "friends": true}),
+                            format!("{user} had asked you: you are now friends"),
+                        );
                     } else {
-                        println!("friend request sent to {user}");
+                        say(
+                            json,
+                            serde_json::json!({"user": user, "friends": false, "requested": true}),
+                            format!("friend request sent to {user}"),
+                        );
                     }
                 }
                 FriendCmd::Accept { who: user } => {
                     c.friend_accept(c.user_id(user).await?).await?;
-                    println!("you and {user} are now friends");
+                    say(
+                        json,
+                        serde_json::json!({"user": user, "friends": true}),
+                        format!("you and {user} are now friends"),
+                    );
                 }
                 FriendCmd::Reject { who: user } => {
                     c.friend_reject(c.user_id(user).await?).await?;
-                    println!("rejected {user}'s request");
+                    say(
+                        json,
+                        serde_json::json!({"user": user, "rejected": true}),
+                        format!("rejected {user}'s request"),
+                    );
                 }
                 FriendCmd::Remove { who: user } => {
                     c.friend_remove(c.user_id(user).await?).await?;
-                    println!("removed {user} from your friends");
+                    say(
+                        json,
+                        serde_json::json!({"user": user, "friends": false}),
+                        format!("removed {user} from your friends"),
+                    );
                 }
-                FriendCmd::Requests { json } => {
+                FriendCmd::Requests {} => {
                     for r in c.friend_requests().await? {
                         let name = r.user.map(|u| u.username).unwrap_or_default();
-                        if *json {
+                        if json {
                             println!(
                                 "{}",
                                 serde_json::json!({"user": name, "message": r.message, "time": r.time_ms, "incoming": r.incoming})
@@ -595,7 +596,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Friends { json } => {
+        Cmd::Friends {} => {
             let (c, _) = cli.logged_in().await?;
             let mut offset = 0;
             loop {
@@ -603,7 +604,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for f in &r.friends {
                     let u = f.user.clone().unwrap_or_default();
                     let status = presence_name(f.presence);
-                    if *json {
+                    if json {
                         println!(
                             "{}",
                             serde_json::json!({"id": u.id, "username": u.username, "nickname": u.nickname, "remark": f.remark, "category": f.category_id, "presence": status, "last_seen": f.last_seen_ms})
@@ -621,12 +622,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Block { who: user } => {
             let (c, _) = cli.logged_in().await?;
             c.block(c.user_id(user).await?).await?;
-            println!("blocked {user}");
+            say(
+                json,
+                serde_json::json!({"user": user, "blocked": true}),
+                format!("blocked {user}"),
+            );
         }
         Cmd::Unblock { who: user } => {
             let (c, _) = cli.logged_in().await?;
             c.unblock(c.user_id(user).await?).await?;
-            println!("unblocked {user}");
+            say(
+                json,
+                serde_json::json!({"user": user, "blocked": false}),
+                format!("unblocked {user}"),
+            );
         }
         Cmd::Group { cmd } => {
             let (c, _) = cli.logged_in().await?;
@@ -635,7 +644,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     members,
                     open,
-                    json,
                 } => {
                     let mut ids = Vec::new();
                     for m in members {
@@ -647,7 +655,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         pb::JoinPolicy::Approval
                     };
                     let g = c.group_create(name, ids, policy).await?;
-                    if *json {
+                    if json {
                         println!(
                             "{}",
                             serde_json::json!({"group_id": g.id, "conversation": g.conversation_id, "name": g.name, "members": g.member_count})
@@ -656,13 +664,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("group_id {}", g.id);
                     }
                 }
-                GroupCmd::Send {
-                    group_id,
-                    text,
-                    json,
-                } => {
+                GroupCmd::Send { group_id, text } => {
                     let ack = c.send_group_text(*group_id, text).await?;
-                    if *json {
+                    if json {
                         println!(
                             "{}",
                             serde_json::json!({"id": ack.message_id, "conversation": ack.conversation_id, "seq": ack.seq, "time": ack.time_ms, "group": group_id})
@@ -674,7 +678,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         );
                     }
                 }
-                GroupCmd::Members { group_id, json } => {
+                GroupCmd::Members { group_id } => {
                     let mut names = Names {
                         client: &c,
                         cache: HashMap::new(),
@@ -687,7 +691,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             let role = pb::GroupRole::try_from(m.role)
                                 .map(|r| r.as_str_name())
                                 .unwrap_or("MEMBER");
-                            if *json {
+                            if json {
                                 println!(
                                     "{}",
                                     serde_json::json!({"user": name, "id": m.user_id, "role": role, "joined": m.joined_ms, "muted_until": m.muted_until_ms})
@@ -708,18 +712,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } => {
                     c.group_invite(*group_id, vec![c.user_id(user).await?])
                         .await?;
-                    println!("added {user} to group {group_id}");
+                    say(
+                        json,
+                        serde_json::json!({"group": group_id, "user": user, "member": true}),
+                        format!("added {user} to group {group_id}"),
+                    );
                 }
                 GroupCmd::Kick {
                     group_id,
                     who: user,
                 } => {
                     c.group_kick(*group_id, c.user_id(user).await?).await?;
-                    println!("removed {user} from group {group_id}");
+                    say(
+                        json,
+                        serde_json::json!({"group": group_id, "user": user, "member": false}),
+                        format!("removed {user} from group {group_id}"),
+                    );
                 }
                 GroupCmd::Leave { group_id } => {
                     c.group_leave(*group_id).await?;
-                    println!("left group {group_id}");
+                    say(
+                        json,
+                        serde_json::json!({"group": group_id, "member": false}),
+                        format!("left group {group_id}"),
+                    );
                 }
                 GroupCmd::Mute {
                     group_id,
@@ -729,23 +745,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     c.group_mute(*group_id, c.user_id(user).await?, *secs)
                         .await?;
                     if *secs == 0 {
-                        println!("unmuted {user} in group {group_id}");
+                        say(
+                            json,
+                            serde_json::json!({"group": group_id, "user": user, "muted_secs": 0}),
+                            format!("unmuted {user} in group {group_id}"),
+                        );
                     } else {
-                        println!("muted {user} in group {group_id} for {secs} s");
+                        say(
+                            json,
+                            serde_json::json!({"group": group_id, "user": user, "muted_secs": secs}),
+                            format!("muted {user} in group {group_id} for {secs} s"),
+                        );
                     }
                 }
                 GroupCmd::Join { group_id, message } => {
                     if c.group_join(*group_id, message).await? {
-                        println!("joined group {group_id}");
+                        say(
+                            json,
+                            serde_json::json!({"group": group_id, "joined": true}),
+                            format!("joined group {group_id}"),
+                        );
                     } else {
-                        println!("asked to join group {group_id}; waiting for approval");
+                        say(
+                            json,
+                            serde_json::json!({"group": group_id, "joined": false}),
+                            format!("asked to join group {group_id}; waiting for approval"),
+                        );
                     }
                 }
-                GroupCmd::History {
-                    group_id,
-                    limit,
-                    json,
-                } => {
+                GroupCmd::History { group_id, limit } => {
                     let r = c
                         .history(pb::HistoryRequest {
                             group_id: *group_id,
@@ -758,15 +786,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         cache: HashMap::new(),
                     };
                     for m in &r.messages {
-                        print_message(&mut names, m, *json).await;
+                        print_message(&mut names, m, json).await;
                     }
                 }
             }
         }
-        Cmd::Groups { json } => {
+        Cmd::Groups {} => {
             let (c, _) = cli.logged_in().await?;
             for g in c.groups().await? {
-                if *json {
+                if json {
                     println!(
                         "{}",
                         serde_json::json!({"group_id": g.id, "name": g.name, "members": g.member_count, "owner": g.owner_id, "last_seq": g.last_seq})
@@ -779,9 +807,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Recall { message_id } => {
             let (c, _) = cli.logged_in().await?;
             c.recall(*message_id).await?;
-            println!("recalled message {message_id}");
+            say(
+                json,
+                serde_json::json!({"recalled": message_id}),
+                format!("recalled message {message_id}"),
+            );
         }
-        Cmd::Presence { names: users, json } => {
+        Cmd::Presence { names: users } => {
             let (c, _) = cli.logged_in().await?;
             let mut ids = Vec::new();
             for u in users {
@@ -795,7 +827,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|(_, n)| n.clone())
                     .unwrap_or_default();
                 let status = presence_name(p.status);
-                if *json {
+                if json {
                     println!(
                         "{}",
                         serde_json::json!({"user": name, "status": status, "last_seen": p.last_seen_ms})
