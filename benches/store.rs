@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
                             payload: bytes::Bytes::new(),
                             now_ms: n as i64,
                             require_friend: false,
+                            origin: None,
                         }));
                     }
                     for f in futs {

@@ -13,6 +13,8 @@
 //!   groups, presence).
 //! - [`presence`]: presence watchers and last-seen times (aggregation lives in the
 //!   directory; pushes in each shard's presence task).
+//! - [`dispatch`]: pushes committed messages in commit order (one thread, batches per
+//!   destination shard).
 //! - [`directory`]: user → live sessions, striped locks, read on every delivery.
 //! - [`auth`]: argon2id, signed access tokens, refresh tokens, throttling.
 //! - [`store`]: the `Store` trait and the embedded SQLite backend (group commit).
@@ -33,6 +35,7 @@
 pub mod auth;
 pub mod conn;
 pub mod directory;
+pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod ids;

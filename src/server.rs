@@ -56,6 +56,8 @@ pub struct ShardHandle {
 /// A running server. Dropping it does not stop it: call [`ServerHandle::shutdown`].
 pub struct ServerHandle {
     addr: SocketAddr,
+    /// To stop the dispatcher (an empty batch) once the store is flushed.
+    dispatch_tx: crossbeam_channel::Sender<Vec<crate::store::Publication>>,
     shared: Arc<Shared>,
     stop_accept: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -110,6 +112,7 @@ impl ServerHandle {
             Ok(Err(e)) => tracing::error!(error = %e, "store shutdown failed"),
             Err(_) => tracing::error!("store flush passed the shutdown deadline"),
         }
+        let _ = self.dispatch_tx.send(Vec::new());
     }
 }
 
@@ -166,6 +169,16 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
                 .spawn(move || shard::run(ShardId(i), sh, rx))?,
         );
     }
+    let (dispatch_tx, dispatch_rx) = crossbeam_channel::bounded(crate::dispatch::QUEUE);
+    let publish_tx = dispatch_tx.clone();
+    shared.store.set_publisher(Arc::new(move |pubs| {
+        // Blocks the writer while the dispatcher is behind: back-pressure.
+        let _ = publish_tx.send(pubs);
+    }));
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name("mychat-dispatch".into())
+        .spawn(move || crate::dispatch::run(sh, dispatch_rx))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let sh = shared.clone();
     threads.push(
@@ -176,6 +189,7 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
     tracing::info!(%addr, shards = n, "mychat listening");
     Ok(ServerHandle {
         addr,
+        dispatch_tx,
         shared,
         stop_accept: stop_tx,
         threads,

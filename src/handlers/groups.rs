@@ -54,19 +54,9 @@ fn need_user(id: u64) -> ApiResult<UserId> {
     Ok(UserId(id))
 }
 
-/// Tells everyone concerned about a committed change.
+/// Tells the users whose membership changed (their own streams).
 fn publish(ctx: &ShardCtx, change: &GroupChange) {
-    if let Some(n) = &change.notice {
-        let frame = push(
-            Command::MessagePush,
-            &MessagePush {
-                message: Some(n.clone()),
-                pts: 0,
-            },
-        );
-        ctx.deliver_to_users(&change.members, &frame, None);
-        ctx.deliver_to_users(&change.removed, &frame, None);
-    }
+    // The notice itself is pushed by the dispatcher (crate::dispatch), in commit order.
     for (u, pts, member) in &change.membership {
         let m = GroupMembershipPush {
             membership: Some(GroupMembership {

@@ -5,16 +5,16 @@ use crate::error::{ApiError, ApiResult};
 use crate::ids::{ConvId, UserId};
 use crate::router::{decode, encode, now_ms};
 use crate::shard::ShardCtx;
-use crate::store::{ConvRecord, SendInput, UpdateEvent};
+use crate::store::{ConvRecord, Origin, SendInput, UpdateEvent};
 use bytes::Bytes;
 use mychat_codec::Header;
 use mychat_proto::{
     update, Command, Conversation, ConversationType, ConversationsRequest, ConversationsResponse,
     DeleteForMeRequest, DeleteForMeResponse, DeliveredRequest, DeliveredResponse, ErrorCode,
     FriendEvent, GroupHead, GroupMembership, HistoryRequest, HistoryResponse, MessageKind,
-    MessagePush, ReadRequest, ReadResponse, RecallRequest, RecallResponse, Receipt, ReceiptKind,
-    ReceiptPush, SendMessageRequest, SendMessageResponse, SyncAckRequest, SyncAckResponse,
-    SyncRequest, SyncResponse, Update,
+    ReadRequest, ReadResponse, RecallRequest, RecallResponse, Receipt, ReceiptKind, ReceiptPush,
+    SendMessageRequest, SendMessageResponse, SyncAckRequest, SyncAckResponse, SyncRequest,
+    SyncResponse, Update,
 };
 use std::rc::Rc;
 
@@ -111,6 +111,8 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         }
         _ => {}
     }
+    // Pushes to the recipients (and the sender's other devices) are made by the
+    // dispatcher once the store committed, in commit order: see crate::dispatch.
     let input = SendInput {
         sender: s.user,
         recipient: UserId(req.to_user_id),
@@ -120,6 +122,10 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         payload: req.payload,
         now_ms: now_ms(),
         require_friend: !ctx.shared.cfg.friends.strangers_may_message,
+        origin: Some(Origin {
+            shard: ctx.id,
+            conn: conn.id,
+        }),
     };
     if req.group_id != 0 {
         let out = ctx
@@ -132,17 +138,6 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                 e => e.into(),
             })?;
         let m = &out.send.message;
-        if !out.send.duplicate {
-            // One encoding, shared by every member's connection.
-            let frame = push_frame(
-                Command::MessagePush,
-                &MessagePush {
-                    message: Some(m.clone()),
-                    pts: 0,
-                },
-            );
-            ctx.deliver_to_users(&out.members, &frame, Some(conn.id));
-        }
         return encode(&SendMessageResponse {
             message_id: m.id,
             conversation_id: m.conversation_id,
@@ -162,24 +157,6 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
             e => e.into(),
         })?;
     let m = &out.message;
-    if !out.duplicate {
-        let to_recipient = push_frame(
-            Command::MessagePush,
-            &MessagePush {
-                message: Some(m.clone()),
-                pts: out.recipient_pts,
-            },
-        );
-        ctx.deliver_to_user(UserId(m.recipient_id), &to_recipient, None);
-        let to_sender = push_frame(
-            Command::MessagePush,
-            &MessagePush {
-                message: Some(m.clone()),
-                pts: out.sender_pts,
-            },
-        );
-        ctx.deliver_to_user(s.user, &to_sender, Some(conn.id));
-    }
     encode(&SendMessageResponse {
         message_id: m.id,
         conversation_id: m.conversation_id,
@@ -592,26 +569,7 @@ pub async fn recall(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
             }
             e => e.into(),
         })?;
-    if let Some(members) = &out.group_members {
-        let frame = push_frame(
-            Command::MessagePush,
-            &MessagePush {
-                message: Some(out.notice.clone()),
-                pts: 0,
-            },
-        );
-        ctx.deliver_to_users(members, &frame, None);
-    }
-    for (u, pts) in &out.direct {
-        let frame = push_frame(
-            Command::MessagePush,
-            &MessagePush {
-                message: Some(out.notice.clone()),
-                pts: *pts,
-            },
-        );
-        ctx.deliver_to_user(*u, &frame, None);
-    }
+    // The notice is pushed by the dispatcher (crate::dispatch), in commit order.
     encode(&RecallResponse {
         notice_seq: out.notice.seq,
     })

@@ -101,6 +101,8 @@ pub struct SendInput {
     /// Refuse unless sender and recipient are friends (friends.strangers_may_message
     /// off). A recipient who blocked the sender is always refused.
     pub require_friend: bool,
+    /// The sending connection (left out of the push).
+    pub origin: Option<Origin>,
 }
 
 #[derive(Clone, Debug)]
@@ -315,6 +317,44 @@ pub struct RecallOutcome {
     pub group_members: Option<std::sync::Arc<Vec<UserId>>>,
 }
 
+/// The connection a write came from (its own push is left out: it gets the ack).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Origin {
+    pub shard: crate::ids::ShardId,
+    pub conn: crate::ids::ConnId,
+}
+
+/// A committed message to push, handed to the [`Publisher`] in commit order.
+///
+/// Why here and not in the handlers: two senders on two shards get their acks for
+/// seq 5 and seq 6 in some order and would push in whatever order their tasks run; a
+/// recipient could see 6 before 5. Publishing in the writer's commit order, through one
+/// dispatcher and FIFO shard inboxes, gives every device each conversation's messages in
+/// seq order (and each user's stream in pts order).
+#[derive(Clone, Debug)]
+pub enum Publication {
+    /// A DIRECT message (or notice): to the recipient's sessions with `recipient_pts`,
+    /// to the sender's other sessions with `sender_pts`.
+    Direct {
+        message: Message,
+        sender_pts: u64,
+        recipient_pts: u64,
+        origin: Option<Origin>,
+    },
+    /// A GROUP message or notice: one encoding for `members` and `extra` (users it
+    /// removed, who still get the notice).
+    Group {
+        message: Message,
+        members: std::sync::Arc<Vec<UserId>>,
+        extra: Vec<UserId>,
+        origin: Option<Origin>,
+    },
+}
+
+/// Receives each commit's publications, in commit order. Runs on the writer thread:
+/// it must only hand them on (a bounded queue to a dispatcher), not do the fan-out.
+pub type Publisher = std::sync::Arc<dyn Fn(Vec<Publication>) + Send + Sync>;
+
 /// The profile fields to change.
 #[derive(Clone, Debug, Default)]
 pub struct ProfilePatch {
@@ -499,6 +539,10 @@ pub trait Store: Send + Sync + 'static {
         window_ms: i64,
     ) -> StoreFut<RecallOutcome>;
     fn hide(&self, user: UserId, message_ids: Vec<u64>) -> StoreFut<()>;
+
+    /// Where committed messages go to be pushed (set once at start; before it is set,
+    /// nothing is pushed).
+    fn set_publisher(&self, publisher: Publisher);
 
     /// Stops taking writes, commits what is queued, checkpoints. Idempotent.
     fn shutdown(&self) -> StoreFut<()>;

@@ -229,6 +229,7 @@ pub struct SqliteStore {
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     checkpointer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
+    publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> StoreError {
@@ -275,9 +276,12 @@ impl SqliteStore {
         let (wtx, wrx) = crossbeam_channel::bounded(cfg.write_queue);
         let closing = Arc::new(AtomicBool::new(false));
         let max_batch = cfg.max_batch;
+        let publisher: Arc<parking_lot::RwLock<Option<Publisher>>> =
+            Arc::new(parking_lot::RwLock::new(None));
+        let wpub = publisher.clone();
         let writer = std::thread::Builder::new()
             .name("mychat-store-writer".into())
-            .spawn(move || Writer::new(w).run(wrx, max_batch))
+            .spawn(move || Writer::new(w, wpub).run(wrx, max_batch))
             .map_err(internal)?;
         let cp_conn = open(&path, false, 1)?;
         let cp_closing = closing.clone();
@@ -298,6 +302,7 @@ impl SqliteStore {
             writer: parking_lot::Mutex::new(Some(writer)),
             checkpointer: parking_lot::Mutex::new(Some(checkpointer)),
             path,
+            publisher,
         }))
     }
 
@@ -471,6 +476,9 @@ struct Writer {
     /// Groups changed by the batch being built (dropped from `groups` if their write
     /// fails or the commit does).
     groups_dirty: Vec<u64>,
+    /// Messages of the batch being built, to publish once it commits.
+    publications: Vec<Publication>,
+    publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
 }
 
 /// One row of the `updates` table, minus its user and pts.
@@ -496,7 +504,7 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 }
 
 impl Writer {
-    fn new(conn: Connection) -> Writer {
+    fn new(conn: Connection, publisher: Arc<parking_lot::RwLock<Option<Publisher>>>) -> Writer {
         Writer {
             conn,
             last_seq: HashMap::new(),
@@ -507,6 +515,8 @@ impl Writer {
             pairs_pending: Vec::new(),
             groups: HashMap::new(),
             groups_dirty: Vec::new(),
+            publications: Vec::new(),
+            publisher,
         }
     }
 
@@ -555,6 +565,7 @@ impl Writer {
             }
             let mut delta = CacheDelta::default();
             let groups_before = self.groups_dirty.len();
+            let pubs_before = self.publications.len();
             let d = job(self, &mut delta);
             if d.ok {
                 let _ = self.conn.execute_batch("RELEASE op");
@@ -565,6 +576,7 @@ impl Writer {
                 }
             } else {
                 let _ = self.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                self.publications.truncate(pubs_before);
                 // A failed write may have touched cached group state: reload it.
                 for g in self.groups_dirty.drain(groups_before..).collect::<Vec<_>>() {
                     self.groups.remove(&g);
@@ -591,6 +603,13 @@ impl Writer {
                 for c in self.pairs_pending.drain(..) {
                     self.pairs.insert((c.user_a, c.user_b), c);
                 }
+                // Publish in commit order, then answer: a pushed message is durable.
+                let pubs = std::mem::take(&mut self.publications);
+                if !pubs.is_empty() {
+                    if let Some(p) = self.publisher.read().as_ref() {
+                        p(pubs);
+                    }
+                }
                 for d in done {
                     (d.send)(None);
                 }
@@ -606,6 +625,7 @@ impl Writer {
                 self.pairs.clear();
                 self.groups.clear();
                 self.groups_dirty.clear();
+                self.publications.clear();
                 for d in done {
                     (d.send)(Some(StoreError::Internal("commit failed".into())));
                 }
@@ -913,6 +933,12 @@ impl Writer {
             .prepare_cached("INSERT OR IGNORE INTO unread(user_id, conv_id) VALUES(?1, ?2)")
             .and_then(|mut s| s.execute(params![i.recipient.0 as i64, conv.id.0 as i64]))
             .map_err(internal)?;
+        self.publications.push(Publication::Direct {
+            message: message.clone(),
+            sender_pts,
+            recipient_pts,
+            origin: i.origin,
+        });
         Ok(SendOutcome {
             message,
             sender_pts,
@@ -1617,6 +1643,10 @@ impl Store for SqliteStore {
 
     fn hide(&self, user: UserId, message_ids: Vec<u64>) -> StoreFut<()> {
         self.write(move |w, _| w.hide(user, message_ids))
+    }
+
+    fn set_publisher(&self, publisher: Publisher) {
+        *self.publisher.write() = Some(publisher);
     }
 
     fn shutdown(&self) -> StoreFut<()> {

@@ -642,10 +642,19 @@ impl Writer {
         let conv = self.group(gid)?.conv;
         let last = self.seq_of(conv)?;
         let g = self.group(gid)?;
+        let (info, list) = (g.info(last), g.list.clone());
+        if let Some(n) = &notice {
+            self.publications.push(Publication::Group {
+                message: n.clone(),
+                members: list.clone(),
+                extra: removed.clone(),
+                origin: None,
+            });
+        }
         Ok(GroupChange {
-            info: g.info(last),
+            info,
             notice,
-            members: g.list.clone(),
+            members: list,
             removed,
             membership,
         })
@@ -869,6 +878,12 @@ impl Writer {
                     [gid as i64],
                 )?;
                 self.groups.remove(&gid);
+                self.publications.push(Publication::Group {
+                    message: notice.clone(),
+                    members: Arc::new(Vec::new()),
+                    extra: list.clone(),
+                    origin: None,
+                });
                 Ok(GroupChange {
                     info: GroupInfo {
                         member_count: 0,
@@ -1176,6 +1191,12 @@ impl Writer {
             "UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2",
             params![i.sender.0 as i64, conv.0 as i64, message.seq as i64],
         )?;
+        self.publications.push(Publication::Group {
+            message: message.clone(),
+            members: members.clone(),
+            extra: Vec::new(),
+            origin: i.origin,
+        });
         Ok(GroupSendOutcome {
             send: SendOutcome {
                 message,
@@ -1275,6 +1296,12 @@ impl Writer {
                 now,
                 d,
             )?;
+            self.publications.push(Publication::Group {
+                message: notice.clone(),
+                members: members.clone(),
+                extra: Vec::new(),
+                origin: None,
+            });
             return Ok(RecallOutcome {
                 notice,
                 direct: Vec::new(),
@@ -1307,6 +1334,12 @@ impl Writer {
             )?;
             direct.push((u, pts));
         }
+        self.publications.push(Publication::Direct {
+            message: notice.clone(),
+            sender_pts: direct[0].1,
+            recipient_pts: direct[1].1,
+            origin: None,
+        });
         Ok(RecallOutcome {
             notice,
             direct,

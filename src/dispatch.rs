@@ -1,0 +1,126 @@
+//! The dispatcher: pushes committed messages to their recipients' connections in
+//! commit order.
+//!
+//! The store's writer hands each commit's [`Publication`]s to a bounded queue (a full
+//! queue makes the writer wait: back-pressure on storage, never growth). This one
+//! thread (`mychat-dispatch`) encodes each push once, looks the recipients up in the
+//! directory, and sends one batch per destination shard to the shards' FIFO inboxes.
+//! Since one thread sends in commit order and inboxes are FIFO, every connection gets a
+//! conversation's messages in seq order, whatever shards the senders were on.
+
+use crate::ids::{ConnId, UserId};
+use crate::server::Shared;
+use crate::shard::ShardMsg;
+use crate::store::{Origin, Publication};
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use mychat_codec::Header;
+use mychat_proto::{Command, MessagePush};
+use prost::Message as _;
+use std::sync::Arc;
+
+/// Capacity of the queue from the writer, in commits.
+pub const QUEUE: usize = 4096;
+
+fn frame(m: &mychat_proto::Message, pts: u64) -> Bytes {
+    let push = MessagePush {
+        message: Some(m.clone()),
+        pts,
+    };
+    mychat_codec::frame_bytes(
+        Header::push(Command::MessagePush.id()),
+        &push.encode_to_vec(),
+    )
+}
+
+struct Batches<'a> {
+    shared: &'a Shared,
+    per_shard: Vec<Vec<(ConnId, Bytes)>>,
+}
+
+impl Batches<'_> {
+    fn to_user(&mut self, user: UserId, f: &Bytes, skip: Option<Origin>) {
+        let per_shard = &mut self.per_shard;
+        self.shared.dir.with_sessions(user, |sessions| {
+            for s in sessions {
+                if skip.is_some_and(|o| o.shard == s.shard && o.conn == s.conn) {
+                    continue;
+                }
+                per_shard[s.shard.0].push((s.conn, f.clone()));
+            }
+        });
+    }
+
+    fn add(&mut self, p: Publication) {
+        match p {
+            Publication::Direct {
+                message,
+                sender_pts,
+                recipient_pts,
+                origin,
+            } => {
+                let sender = UserId(message.sender_id);
+                let recipient = UserId(message.recipient_id);
+                let to_recipient = frame(&message, recipient_pts);
+                self.to_user(recipient, &to_recipient, None);
+                let to_sender = frame(&message, sender_pts);
+                self.to_user(sender, &to_sender, origin);
+            }
+            Publication::Group {
+                message,
+                members,
+                extra,
+                origin,
+            } => {
+                let f = frame(&message, 0);
+                for u in members.iter().chain(extra.iter()) {
+                    self.to_user(*u, &f, origin);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        for (i, items) in self.per_shard.iter_mut().enumerate() {
+            if !items.is_empty() {
+                let items = std::mem::take(items);
+                // Blocks while the shard's inbox is full (back-pressure).
+                let _ = self.shared.shards[i]
+                    .tx
+                    .blocking_send(ShardMsg::Deliver(items));
+            }
+        }
+    }
+}
+
+/// The dispatcher thread's body. An empty batch is the signal to stop.
+pub fn run(shared: Arc<Shared>, rx: Receiver<Vec<Publication>>) {
+    let n = shared.shards.len();
+    let mut b = Batches {
+        shared: &shared,
+        per_shard: vec![Vec::new(); n],
+    };
+    while let Ok(first) = rx.recv() {
+        if first.is_empty() {
+            return;
+        }
+        let mut stop = false;
+        for p in first {
+            b.add(p);
+        }
+        // Coalesce whatever else is already queued into the same batches.
+        while let Ok(more) = rx.try_recv() {
+            if more.is_empty() {
+                stop = true;
+                break;
+            }
+            for p in more {
+                b.add(p);
+            }
+        }
+        b.flush();
+        if stop {
+            return;
+        }
+    }
+}
