@@ -39,7 +39,7 @@ struct Batches<'a> {
 }
 
 impl Batches<'_> {
-    fn to_user(&mut self, user: UserId, f: &Bytes, skip: Option<Origin>) {
+    fn for_user(&mut self, user: UserId, f: &Bytes, skip: Option<Origin>) {
         let per_shard = &mut self.per_shard;
         self.shared.dir.with_sessions(user, |sessions| {
             for s in sessions {
@@ -62,9 +62,9 @@ impl Batches<'_> {
                 let sender = UserId(message.sender_id);
                 let recipient = UserId(message.recipient_id);
                 let to_recipient = frame(&message, recipient_pts);
-                self.to_user(recipient, &to_recipient, None);
+                self.for_user(recipient, &to_recipient, None);
                 let to_sender = frame(&message, sender_pts);
-                self.to_user(sender, &to_sender, origin);
+                self.for_user(sender, &to_sender, origin);
             }
             Publication::Group {
                 message,
@@ -74,7 +74,7 @@ impl Batches<'_> {
             } => {
                 let f = frame(&message, 0);
                 for u in members.iter().chain(extra.iter()) {
-                    self.to_user(*u, &f, origin);
+                    self.for_user(*u, &f, origin);
                 }
             }
         }
