@@ -199,6 +199,8 @@ async fn refresh_rotates_and_tokens_log_in() {
         .await
         .unwrap();
     assert_eq!(r3.user_id, r.user_id);
+    // An access-token login leaves the device's refresh token as it is.
+    assert!(r3.tokens.as_ref().unwrap().refresh_token.is_empty());
 }
 
 #[tokio::test]

@@ -127,6 +127,8 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
     let (new_refresh, new_hash) = new_refresh_token();
     let user: UserRecord;
     let mut refresh_stored = false;
+    // An access-token login keeps the refresh token the device already holds.
+    let mut issue_refresh = true;
     match req.credential {
         None => return Err(ApiError::bad_request("credential is missing")),
         Some(Credential::Password(p)) => {
@@ -218,6 +220,7 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
             if dev.token_epoch != claims.epoch {
                 return Err(invalid());
             }
+            issue_refresh = false;
             user = store
                 .users_by_ids(vec![claims.user])
                 .await?
@@ -228,7 +231,7 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
     let device = store
         .register_device(user.id, req.device_id.clone(), platform, now)
         .await?;
-    if !refresh_stored {
+    if !refresh_stored && issue_refresh {
         store
             .put_refresh(RefreshRecord {
                 hash: new_hash,
@@ -275,8 +278,12 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
         tokens: Some(Tokens {
             access_token: access,
             access_expires_ms: access_exp,
-            refresh_token: new_refresh,
-            refresh_expires_ms: now + refresh_ttl,
+            refresh_token: if issue_refresh {
+                new_refresh
+            } else {
+                String::new()
+            },
+            refresh_expires_ms: if issue_refresh { now + refresh_ttl } else { 0 },
         }),
         pts,
         has_cursor: device.cursor.is_some(),
