@@ -1,0 +1,599 @@
+//! One process's share of a run: its devices' connections, the traffic they send, and
+//! the verification of everything they receive.
+//!
+//! Each device is one task owning its socket: it logs in, then sends what the pacer
+//! hands it (over a small bounded channel) and reads responses and pushes. Every
+//! message's text starts with its send time (µs since the epoch), so the receiving
+//! device measures send → delivery latency. Per device and conversation it remembers
+//! the last seq: the same seq again is a duplicate, a smaller one out of order. The
+//! sender adds the deliveries a message must make (recipient devices, sender's other
+//! devices, or group members' devices) once it is acked; lost = expected - delivered
+//! after the drain.
+
+use crate::scenario::{Mode, Scenario};
+use crate::setup::{State, PLATFORMS};
+use crate::wire::{code_name, connect};
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use mychat_codec::{FrameCodec, Header};
+use mychat_proto::*;
+use parking_lot::Mutex;
+use prost::Message as _;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::Decoder;
+
+/// Which server the traffic goes to.
+#[derive(Clone, Debug)]
+pub enum Target {
+    MyChat(SocketAddr),
+    /// NATS core pub/sub: a subject per user (`u.<id>`) and per group (`g.<id>`).
+    Nats(SocketAddr),
+}
+
+/// Counters shared by this process's tasks.
+#[derive(Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub logins: AtomicU64,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub expected: AtomicU64,
+    pub delivered: AtomicU64,
+    pub duplicated: AtomicU64,
+    pub out_of_order: AtomicU64,
+    pub measuring: AtomicBool,
+    pub acked_window: AtomicU64,
+    pub delivered_window: AtomicU64,
+    pub errors: Mutex<BTreeMap<String, u64>>,
+    pub hist: Mutex<Option<Histogram<u64>>>,
+    pub rolling: Mutex<Option<Histogram<u64>>>,
+    /// NATS closed loop: message number → its window slot, freed at first delivery.
+    pub nats_inflight: Mutex<HashMap<u64, OwnedSemaphorePermit>>,
+}
+
+impl Stats {
+    pub fn new() -> Stats {
+        let s = Stats::default();
+        *s.hist.lock() = Some(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap());
+        *s.rolling.lock() = Some(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap());
+        s
+    }
+    fn error(&self, name: String) {
+        *self.errors.lock().entry(name).or_default() += 1;
+    }
+    fn latency(&self, us: u64) {
+        let us = us.max(1);
+        if self.measuring.load(Relaxed) {
+            if let Some(h) = self.hist.lock().as_mut() {
+                let _ = h.record(us);
+            }
+        }
+        if let Some(h) = self.rolling.lock().as_mut() {
+            let _ = h.record(us);
+        }
+    }
+}
+
+/// What a device sends next.
+pub struct Cmd {
+    to_user: u64,
+    group: u64,
+    expected: u64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A device this process runs.
+pub struct Device {
+    pub user: usize,
+    pub tx: mpsc::Sender<Cmd>,
+}
+
+/// Everything a process needs for its share.
+pub struct Plan {
+    pub scenario: Scenario,
+    pub target: Target,
+    pub src_ips: Vec<IpAddr>,
+    pub worker: usize,
+    pub procs: usize,
+    pub state: Arc<State>,
+}
+
+/// A message text: send time (µs, 20 digits), a tag (16 hex digits: the NATS baseline's
+/// message number), then padding to `size`.
+fn text_for(size: usize, tag: u64) -> String {
+    let mut t = format!("{:020}|{tag:016x}|", now_us());
+    while t.len() < size {
+        t.push('x');
+    }
+    t
+}
+
+fn parse_sent(text: &[u8]) -> Option<u64> {
+    std::str::from_utf8(text.get(..20)?).ok()?.parse().ok()
+}
+
+/// Connects and logs in every device of this process (at `login_rate` per second in
+/// all, split among processes); returns them once all are logged in.
+pub async fn connect_all(
+    plan: &Arc<Plan>,
+    stats: &Arc<Stats>,
+    run_id: u64,
+) -> anyhow::Result<Vec<Device>> {
+    let s = &plan.scenario;
+    let per_user = s.devices_per_user;
+    let total = s.users * per_user;
+    let mine: Vec<usize> = (0..total)
+        .filter(|k| k % plan.procs == plan.worker)
+        .collect();
+    let rate = if s.login_rate == 0 {
+        0.0
+    } else {
+        s.login_rate as f64 / plan.procs as f64
+    };
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(512));
+    let mut devices = Vec::with_capacity(mine.len());
+    let mut ready = Vec::with_capacity(mine.len());
+    for (n, k) in mine.into_iter().enumerate() {
+        if rate > 0.0 {
+            let due = started + Duration::from_secs_f64(n as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let (user, d) = (k / per_user, k % per_user);
+        let (tx, rx) = mpsc::channel(64);
+        let (rtx, rrx) = tokio::sync::oneshot::channel();
+        let src = if plan.src_ips.is_empty() {
+            None
+        } else {
+            Some(plan.src_ips[k % plan.src_ips.len()])
+        };
+        let permit = gate.clone().acquire_owned().await?;
+        let (plan2, stats2) = (plan.clone(), stats.clone());
+        tokio::spawn(async move {
+            let r = match plan2.target.clone() {
+                Target::MyChat(addr) => {
+                    mychat_device(plan2, stats2, addr, src, user, d, rx, rtx, permit, run_id).await
+                }
+                Target::Nats(addr) => {
+                    nats_device(plan2, stats2, addr, src, user, rx, rtx, permit).await
+                }
+            };
+            if let Err(e) = r {
+                eprintln!("loadtest: device {user}/{d}: {e}");
+            }
+        });
+        devices.push(Device { user, tx });
+        ready.push(rrx);
+    }
+    let mut failed = 0;
+    for r in ready {
+        if !matches!(r.await, Ok(true)) {
+            failed += 1;
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} devices could not connect or log in");
+    Ok(devices)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn mychat_device(
+    plan: Arc<Plan>,
+    stats: Arc<Stats>,
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    user: usize,
+    d: usize,
+    mut rx: mpsc::Receiver<Cmd>,
+    ready: tokio::sync::oneshot::Sender<bool>,
+    gate: OwnedSemaphorePermit,
+    run_id: u64,
+) -> anyhow::Result<()> {
+    let s = &plan.scenario;
+    let dev = &plan.state.users[user].devices[d];
+    let mut stream = match connect(addr, src).await {
+        Ok(st) => st,
+        Err(e) => {
+            stats.error(format!("connect: {}", e.kind()));
+            let _ = ready.send(false);
+            return Ok(());
+        }
+    };
+    stats.connections.fetch_add(1, Relaxed);
+    let mut codec = FrameCodec::new(u32::MAX);
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut wbuf = BytesMut::with_capacity(256);
+    let login = LoginRequest {
+        credential: Some(login_request::Credential::AccessToken(dev.access.clone())),
+        device_id: dev.device.clone(),
+        platform: PLATFORMS[d] as i32,
+    };
+    mychat_codec::encode_frame(
+        Header::request(Command::Login.id(), 1),
+        &login.encode_to_vec(),
+        &mut wbuf,
+    );
+    stream.write_all(&wbuf).await?;
+    wbuf.clear();
+    let mut ready = Some(ready);
+    let mut gate = Some(gate);
+    let mut seq: u32 = 1;
+    let mut counter: u64 = 0;
+    let mut pending: HashMap<u32, (u64, Option<OwnedSemaphorePermit>)> = HashMap::new();
+    let mut last_seq: HashMap<u64, u64> = HashMap::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            cmd = rx.recv(), if open && ready.is_none() => {
+                let Some(cmd) = cmd else { open = false; continue };
+                // This one and whatever else is queued for this device: one write.
+                let mut next = Some(cmd);
+                while let Some(c) = next.take() {
+                    seq = seq.wrapping_add(1).max(2);
+                    counter += 1;
+                    let req = SendMessageRequest {
+                        to_user_id: c.to_user,
+                        group_id: c.group,
+                        client_msg_id: format!("{run_id:x}-{}-{counter}", dev.device),
+                        kind: MessageKind::Text as i32,
+                        text: text_for(s.traffic.message_size, 0),
+                        payload: Default::default(),
+                    };
+                    mychat_codec::encode_frame(Header::request(Command::SendMessage.id(), seq), &req.encode_to_vec(), &mut wbuf);
+                    pending.insert(seq, (c.expected, c.permit));
+                    stats.sent.fetch_add(1, Relaxed);
+                    next = rx.try_recv().ok();
+                }
+                stream.write_all(&wbuf).await?;
+                wbuf.clear();
+            }
+            r = stream.read_buf(&mut rbuf) => {
+                if r? == 0 {
+                    stats.error("closed by server".into());
+                    return Ok(());
+                }
+                while let Some(f) = codec.decode(&mut rbuf)? {
+                    let h = f.header;
+                    if h.is_response() {
+                        if h.command == Command::Login.id() {
+                            if h.is_error() {
+                                let e = mychat_proto::Error::decode(f.body)?;
+                                stats.error(format!("login {}", code_name(e.code)));
+                                if let Some(r) = ready.take() { let _ = r.send(false); }
+                                return Ok(());
+                            }
+                            stats.logins.fetch_add(1, Relaxed);
+                            gate.take();
+                            if let Some(r) = ready.take() { let _ = r.send(true); }
+                            continue;
+                        }
+                        let Some((expected, permit)) = pending.remove(&h.seq) else { continue };
+                        drop(permit);
+                        if h.is_error() {
+                            let e = mychat_proto::Error::decode(f.body)?;
+                            stats.error(code_name(e.code));
+                        } else {
+                            stats.acked.fetch_add(1, Relaxed);
+                            stats.expected.fetch_add(expected, Relaxed);
+                            if stats.measuring.load(Relaxed) {
+                                stats.acked_window.fetch_add(1, Relaxed);
+                            }
+                        }
+                    } else if h.is_push() && h.command == Command::MessagePush.id() {
+                        let p = MessagePush::decode(f.body)?;
+                        let Some(m) = p.message else { continue };
+                        if m.kind != MessageKind::Text as i32 {
+                            continue; // notices of the setup
+                        }
+                        let Some(sent) = parse_sent(m.text.as_bytes()) else { continue };
+                        let last = last_seq.entry(m.conversation_id).or_insert(0);
+                        if m.seq == *last {
+                            stats.duplicated.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        if m.seq < *last {
+                            stats.out_of_order.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        *last = m.seq;
+                        stats.delivered.fetch_add(1, Relaxed);
+                        if stats.measuring.load(Relaxed) {
+                            stats.delivered_window.fetch_add(1, Relaxed);
+                        }
+                        stats.latency(now_us().saturating_sub(sent));
+                    } else if h.is_push() && h.command == Command::Kick.id() {
+                        let k = KickPush::decode(f.body)?;
+                        stats.error(format!("kicked: {}", k.message));
+                    }
+                }
+                if rbuf.capacity() > 1 << 20 && rbuf.is_empty() {
+                    rbuf = BytesMut::with_capacity(4096);
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn nats_device(
+    plan: Arc<Plan>,
+    stats: Arc<Stats>,
+    addr: SocketAddr,
+    src: Option<IpAddr>,
+    user: usize,
+    mut rx: mpsc::Receiver<Cmd>,
+    ready: tokio::sync::oneshot::Sender<bool>,
+    gate: OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
+    let s = &plan.scenario;
+    let mut stream = match connect(addr, src).await {
+        Ok(st) => st,
+        Err(e) => {
+            stats.error(format!("connect: {}", e.kind()));
+            let _ = ready.send(false);
+            return Ok(());
+        }
+    };
+    stats.connections.fetch_add(1, Relaxed);
+    let uid = plan.state.users[user].id;
+    let mut hello = String::from("CONNECT {\"verbose\":false,\"pedantic\":false}\r\n");
+    hello.push_str(&format!("SUB u.{uid} 1\r\n"));
+    for (g, gid) in plan.state.groups.iter().enumerate() {
+        if s.group_members(g).contains(&user) {
+            hello.push_str(&format!("SUB g.{gid} {}\r\n", g + 2));
+        }
+    }
+    hello.push_str("PING\r\n");
+    stream.write_all(hello.as_bytes()).await?;
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut wbuf = BytesMut::with_capacity(256);
+    let mut ready = Some(ready);
+    let mut gate = Some(gate);
+    let mut counter = 0u64;
+    let mut open = true;
+    loop {
+        tokio::select! {
+            cmd = rx.recv(), if open && ready.is_none() => {
+                let Some(mut cmd) = cmd else { open = false; continue };
+                loop {
+                    counter += 1;
+                    let msgno = ((user as u64) << 32) | counter;
+                    let payload = text_for(s.traffic.message_size, msgno);
+                    let subject = if cmd.group != 0 { format!("g.{}", cmd.group) } else { format!("u.{}", cmd.to_user) };
+                    wbuf.extend_from_slice(format!("PUB {subject} {}\r\n", payload.len()).as_bytes());
+                    wbuf.extend_from_slice(payload.as_bytes());
+                    wbuf.extend_from_slice(b"\r\n");
+                    stats.sent.fetch_add(1, Relaxed);
+                    stats.acked.fetch_add(1, Relaxed);
+                    stats.expected.fetch_add(cmd.expected, Relaxed);
+                    if stats.measuring.load(Relaxed) {
+                        stats.acked_window.fetch_add(1, Relaxed);
+                    }
+                    if let Some(p) = cmd.permit.take() {
+                        stats.nats_inflight.lock().insert(msgno, p);
+                    }
+                    match rx.try_recv() {
+                        Ok(c) => cmd = c,
+                        Err(_) => break,
+                    }
+                }
+                stream.write_all(&wbuf).await?;
+                wbuf.clear();
+            }
+            r = stream.read_buf(&mut rbuf) => {
+                if r? == 0 {
+                    stats.error("nats closed".into());
+                    return Ok(());
+                }
+                while let Some(eol) = rbuf.windows(2).position(|w| w == b"\r\n") {
+                    let line = std::str::from_utf8(&rbuf[..eol]).unwrap_or("").to_string();
+                    if let Some(rest) = line.strip_prefix("MSG ") {
+                        let len: usize = rest.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                        if rbuf.len() < eol + 2 + len + 2 {
+                            break;
+                        }
+                        let payload = rbuf[eol + 2..eol + 2 + len].to_vec();
+                        rbuf.advance(eol + 2 + len + 2);
+                        if let Some(sent) = parse_sent(&payload) {
+                            stats.delivered.fetch_add(1, Relaxed);
+                            if stats.measuring.load(Relaxed) {
+                                stats.delivered_window.fetch_add(1, Relaxed);
+                            }
+                            stats.latency(now_us().saturating_sub(sent));
+                            if payload.len() >= 37 {
+                                if let Some(n) = std::str::from_utf8(&payload[21..37]).ok().and_then(|h| u64::from_str_radix(h, 16).ok()) {
+                                    stats.nats_inflight.lock().remove(&n);
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    rbuf.advance(eol + 2);
+                    if line == "PING" {
+                        stream.write_all(b"PONG\r\n").await?;
+                    } else if line == "PONG" {
+                        if ready.is_some() {
+                            stats.logins.fetch_add(1, Relaxed);
+                            gate.take();
+                            if let Some(r) = ready.take() { let _ = r.send(true); }
+                        }
+                    } else if line.starts_with("-ERR") {
+                        stats.error(format!("nats {line}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends the scenario's traffic from this process's devices until `stop` is set.
+pub async fn pace(
+    plan: Arc<Plan>,
+    devices: Arc<Vec<Device>>,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+) {
+    let s = &plan.scenario;
+    let t = &s.traffic;
+    if devices.is_empty() || t.mode == Mode::None {
+        return;
+    }
+    let users = &plan.state.users;
+    let per_user = s.devices_per_user as u64;
+    // Each user's groups.
+    let mut user_groups: Vec<Vec<usize>> = vec![Vec::new(); s.users];
+    for g in 0..t.groups {
+        for m in s.group_members(g) {
+            user_groups[m].push(g);
+        }
+    }
+    let nats = matches!(plan.target, Target::Nats(_));
+    let make = |dev: &Device, rng: &mut rand::rngs::SmallRng| -> Cmd {
+        let u = dev.user;
+        let groups = &user_groups[u];
+        if !groups.is_empty() && rng.random::<f64>() >= t.direct_share {
+            let g = groups[rng.random_range(0..groups.len())];
+            let members = t.group_size as u64 * per_user;
+            // MyChat: every member device but the sending one; NATS: every subscriber.
+            let expected = if nats { members } else { members - 1 };
+            Cmd {
+                to_user: 0,
+                group: plan.state.groups[g],
+                expected,
+                permit: None,
+            }
+        } else {
+            let v = (u + 1 + rng.random_range(0..s.users - 1)) % s.users;
+            // MyChat: the recipient's devices and the sender's other devices.
+            let expected = if nats {
+                per_user
+            } else {
+                per_user + per_user - 1
+            };
+            Cmd {
+                to_user: users[v].id,
+                group: 0,
+                expected,
+                permit: None,
+            }
+        }
+    };
+    let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_rng(&mut rand::rng());
+    let mut next = 0usize;
+    match t.mode {
+        Mode::Open => {
+            let rate = t.rate as f64 / plan.procs as f64;
+            let start = Instant::now();
+            let mut done = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while !stop.load(Relaxed) {
+                tick.tick().await;
+                let due = (start.elapsed().as_secs_f64() * rate) as u64;
+                while done < due {
+                    let mut tries = 0;
+                    loop {
+                        let dev = &devices[next % devices.len()];
+                        next += 1;
+                        let cmd = make(dev, &mut rng);
+                        match dev.tx.try_send(cmd) {
+                            Ok(()) => break,
+                            Err(_) if tries < 8 => tries += 1,
+                            Err(_) => {
+                                stats.error("loadtest backlog".into());
+                                break;
+                            }
+                        }
+                    }
+                    done += 1;
+                }
+            }
+        }
+        Mode::Closed => {
+            let window = Arc::new(Semaphore::new((t.window / plan.procs).max(1)));
+            while !stop.load(Relaxed) {
+                let Ok(permit) = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    window.clone().acquire_owned(),
+                )
+                .await
+                else {
+                    continue;
+                };
+                let permit = permit.expect("semaphore open");
+                let dev = &devices[next % devices.len()];
+                next += 1;
+                let mut cmd = make(dev, &mut rng);
+                cmd.permit = Some(permit);
+                if dev.tx.send(cmd).await.is_err() {
+                    stats.error("device gone".into());
+                }
+            }
+        }
+        Mode::None => {}
+    }
+}
+
+/// A process's final numbers, as sent from a worker to the parent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Partial {
+    pub connections: u64,
+    pub logins: u64,
+    pub login_secs: f64,
+    pub sent: u64,
+    pub acked: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub acked_window: u64,
+    pub delivered_window: u64,
+    pub window_secs: f64,
+    pub errors: BTreeMap<String, u64>,
+    pub cpu_us: u64,
+    /// The latency histogram (µs), V2-serialized, base64.
+    pub hist: String,
+}
+
+pub fn hist_encode(h: &Histogram<u64>) -> String {
+    use base64::Engine;
+    let mut buf = Vec::new();
+    use hdrhistogram::serialization::Serializer as _;
+    let _ = hdrhistogram::serialization::V2Serializer::new().serialize(h, &mut buf);
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+pub fn hist_decode(s: &str) -> Option<Histogram<u64>> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .ok()
+}
+
+/// This process's CPU time so far (user + system), µs.
+pub fn own_cpu_us() -> u64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+pub fn rng_u64() -> u64 {
+    rand::rng().random()
+}

@@ -1,0 +1,155 @@
+//! Scenarios: what a load test does, as a TOML file under `config/loadtest/`. Every key
+//! is optional except `name`; the defaults are below. Unknown keys are refused.
+//!
+//! ```toml
+//! name = "smoke"              # shown in reports
+//! users = 200                 # simulated users: <prefix>0 .. <prefix>N-1
+//! devices_per_user = 1        # sessions per user (platforms desktop, mobile, web, tablet)
+//! user_prefix = "lt"          # usernames; the state file keeps their tokens
+//! password = "loadtest-pass"  # used once, at registration and token renewal
+//! login_rate = 0              # logins per second during the ramp; 0 = as fast as it goes
+//! idle_secs = 0               # hold every connection idle this long after login
+//!
+//! [traffic]
+//! mode = "open"               # "open" (fixed total rate), "closed" (fixed window in
+//!                             # flight: a message is in flight until acked) or "none"
+//! rate = 1000                 # open loop: messages per second, all senders together
+//! window = 256                # closed loop: messages in flight
+//! direct_share = 1.0          # share of 1:1 messages; the rest go to groups
+//! message_size = 120          # text bytes per message (at least 40)
+//! groups = 0                  # groups created for the run …
+//! group_size = 50             # … each with this many members (consecutive users)
+//! warmup_secs = 1             # traffic before measuring
+//! duration_secs = 10          # measured traffic
+//! drain_secs = 10             # after traffic: wait at most this long for deliveries
+//! ```
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default = "d_users")]
+    pub users: usize,
+    #[serde(default = "d_one")]
+    pub devices_per_user: usize,
+    #[serde(default = "d_prefix")]
+    pub user_prefix: String,
+    #[serde(default = "d_password")]
+    pub password: String,
+    #[serde(default)]
+    pub login_rate: u64,
+    #[serde(default)]
+    pub idle_secs: u64,
+    #[serde(default)]
+    pub traffic: Traffic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Open,
+    Closed,
+    None,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Traffic {
+    pub mode: Mode,
+    pub rate: u64,
+    pub window: usize,
+    pub direct_share: f64,
+    pub message_size: usize,
+    pub groups: usize,
+    pub group_size: usize,
+    pub warmup_secs: u64,
+    pub duration_secs: u64,
+    pub drain_secs: u64,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            mode: Mode::Open,
+            rate: 1000,
+            window: 256,
+            direct_share: 1.0,
+            message_size: 120,
+            groups: 0,
+            group_size: 50,
+            warmup_secs: 1,
+            duration_secs: 10,
+            drain_secs: 10,
+        }
+    }
+}
+
+fn d_users() -> usize {
+    200
+}
+fn d_one() -> usize {
+    1
+}
+fn d_prefix() -> String {
+    "lt".into()
+}
+fn d_password() -> String {
+    "loadtest-pass".into()
+}
+
+impl Scenario {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let s: Scenario =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.users >= 2, "users: at least 2");
+        anyhow::ensure!(
+            (1..=4).contains(&self.devices_per_user),
+            "devices_per_user: 1 to 4 (one per platform)"
+        );
+        anyhow::ensure!(
+            !self.user_prefix.is_empty() && self.user_prefix.as_bytes()[0].is_ascii_lowercase(),
+            "user_prefix: starts with a-z"
+        );
+        let t = &self.traffic;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&t.direct_share),
+            "traffic.direct_share: 0.0 to 1.0"
+        );
+        anyhow::ensure!(t.message_size >= 40, "traffic.message_size: at least 40");
+        anyhow::ensure!(
+            t.direct_share >= 1.0 || t.groups > 0,
+            "traffic: group messages need traffic.groups > 0"
+        );
+        anyhow::ensure!(
+            t.groups == 0 || (2..=self.users).contains(&t.group_size),
+            "traffic.group_size: 2 to users"
+        );
+        anyhow::ensure!(
+            t.mode != Mode::Closed || t.window > 0,
+            "traffic.window: at least 1"
+        );
+        anyhow::ensure!(
+            t.mode != Mode::Open || t.rate > 0,
+            "traffic.rate: at least 1"
+        );
+        Ok(())
+    }
+
+    /// Members (user indexes) of group `g`: `group_size` consecutive users, wrapping.
+    pub fn group_members(&self, g: usize) -> Vec<usize> {
+        let t = &self.traffic;
+        let start = (g * t.group_size) % self.users;
+        (0..t.group_size)
+            .map(|k| (start + k) % self.users)
+            .collect()
+    }
+}

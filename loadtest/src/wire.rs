@@ -1,0 +1,110 @@
+//! A minimal request/response connection over the real protocol (codec + proto), for
+//! setup work (registration, tokens, groups). The traffic itself runs on the leaner
+//! per-connection loop in `run.rs`.
+
+use bytes::BytesMut;
+use mychat_codec::{Frame, FrameCodec, Header};
+use mychat_proto::{Command, ErrorCode};
+use std::net::{IpAddr, SocketAddr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::codec::Decoder;
+
+/// A request refused by the server: its PROTOCOL.md code and message.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub code: u32,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = ErrorCode::from_u32(self.code)
+            .map(|c| c.name())
+            .unwrap_or("UNKNOWN");
+        write!(f, "{name}: {}", self.message)
+    }
+}
+
+pub fn code_name(code: u32) -> String {
+    ErrorCode::from_u32(code)
+        .map(|c| c.name().to_string())
+        .unwrap_or_else(|| format!("CODE_{code}"))
+}
+
+/// Connects, from `src` when given (to use several loopback source addresses past the
+/// ephemeral port range of one).
+pub async fn connect(addr: SocketAddr, src: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = src {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let s = sock.connect(addr).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+pub struct Conn {
+    pub stream: TcpStream,
+    rbuf: BytesMut,
+    codec: FrameCodec,
+    seq: u32,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr, src: Option<IpAddr>) -> anyhow::Result<Conn> {
+        Ok(Conn {
+            stream: connect(addr, src).await?,
+            rbuf: BytesMut::with_capacity(4096),
+            codec: FrameCodec::new(u32::MAX),
+            seq: 0,
+        })
+    }
+
+    async fn next_frame(&mut self) -> anyhow::Result<Frame> {
+        loop {
+            if let Some(f) = self.codec.decode(&mut self.rbuf)? {
+                return Ok(f);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                anyhow::bail!("the server closed the connection");
+            }
+        }
+    }
+
+    /// One request; pushes that arrive meanwhile are skipped.
+    pub async fn call<Req: prost::Message, Resp: prost::Message + Default>(
+        &mut self,
+        cmd: Command,
+        req: &Req,
+    ) -> anyhow::Result<Result<Resp, Refused>> {
+        self.seq += 1;
+        let mut out = BytesMut::new();
+        mychat_codec::encode_frame(
+            Header::request(cmd.id(), self.seq),
+            &req.encode_to_vec(),
+            &mut out,
+        );
+        self.stream.write_all(&out).await?;
+        loop {
+            let f = self.next_frame().await?;
+            if !f.header.is_response() || f.header.seq != self.seq {
+                continue;
+            }
+            if f.header.is_error() {
+                let e = mychat_proto::Error::decode(f.body)?;
+                return Ok(Err(Refused {
+                    code: e.code,
+                    message: e.message,
+                }));
+            }
+            return Ok(Ok(Resp::decode(f.body)?));
+        }
+    }
+}
+
+use prost::Message as _;
