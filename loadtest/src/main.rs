@@ -323,6 +323,7 @@ struct Outcome {
     server: Option<serde_json::Value>,
 }
 
+/// `rss_empty`: the server's RSS before this run touched it (for RSS per connection).
 async fn run_all(
     args: &Args,
     s: &Scenario,
@@ -330,13 +331,14 @@ async fn run_all(
     addr: SocketAddr,
     state_path: &PathBuf,
     state: Arc<setup::State>,
+    rss_empty: Option<u64>,
 ) -> anyhow::Result<Outcome> {
     let pid = if target == "mychat" {
         args.server_pid
     } else {
         None
     };
-    let rss_before = pid.and_then(metrics::rss_kb);
+    let rss_before = rss_empty;
     let watch = pid.map(metrics::RssWatch::start);
     let cpu_at = Arc::new(parking_lot::Mutex::new((
         None::<u64>,
