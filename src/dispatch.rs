@@ -4,7 +4,10 @@
 //! The store's writer hands each commit's [`Publication`]s to a bounded queue (a full
 //! queue makes the writer wait: back-pressure on storage, never growth). This one
 //! thread (`mychat-dispatch`) encodes each push once, looks the recipients up in the
-//! directory, and sends one batch per destination shard to the shards' FIFO inboxes.
+//! directory, and sends batches (at most [`BATCH`] frames) per destination shard to the
+//! shards' bounded FIFO inboxes; a full inbox stops it, which stops the writer, which
+//! fills the write queue, which answers senders UNAVAILABLE: memory stays bounded when
+//! fan-out cannot keep up.
 //! Since one thread sends in commit order and inboxes are FIFO, every connection gets a
 //! conversation's messages in seq order, whatever shards the senders were on.
 
@@ -20,7 +23,10 @@ use prost::Message as _;
 use std::sync::Arc;
 
 /// Capacity of the queue from the writer, in commits.
-pub const QUEUE: usize = 4096;
+pub const QUEUE: usize = 256;
+/// Frames in one batch to a shard at most: with bounded shard inboxes this bounds the
+/// memory pushes can hold while connections write them out.
+pub const BATCH: usize = 256;
 
 fn frame(m: &mychat_proto::Message, pts: u64) -> Bytes {
     let push = MessagePush {
@@ -41,14 +47,32 @@ struct Batches<'a> {
 impl Batches<'_> {
     fn for_user(&mut self, user: UserId, f: &Bytes, skip: Option<Origin>) {
         let per_shard = &mut self.per_shard;
+        let mut full = Vec::new();
         self.shared.dir.with_sessions(user, |sessions| {
             for s in sessions {
                 if skip.is_some_and(|o| o.shard == s.shard && o.conn == s.conn) {
                     continue;
                 }
                 per_shard[s.shard.0].push((s.conn, f.clone()));
+                if per_shard[s.shard.0].len() >= BATCH {
+                    full.push(s.shard.0);
+                }
             }
         });
+        for shard in full {
+            self.send(shard);
+        }
+    }
+
+    /// Sends one shard's gathered frames; blocks while its inbox is full.
+    fn send(&mut self, shard: usize) {
+        if self.per_shard[shard].is_empty() {
+            return;
+        }
+        let items = std::mem::take(&mut self.per_shard[shard]);
+        let _ = self.shared.shards[shard]
+            .tx
+            .blocking_send(ShardMsg::Deliver(items));
     }
 
     fn add(&mut self, p: Publication) {

@@ -128,9 +128,23 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
     let dummy_hash = hasher
         .hash("mychat-dummy-password-never-valid")
         .map_err(|e| anyhow::anyhow!(e))?;
-    let listener = std::net::TcpListener::bind(cfg.server.listen)
-        .map_err(|e| anyhow::anyhow!("server.listen: cannot bind {}: {e}", cfg.server.listen))?;
-    listener.set_nonblocking(true)?;
+    // Listening here (errors and the port are known at once) with the configured
+    // backlog: std's bind uses 128, and bursts of connects past it are dropped.
+    let bind_err = |e: std::io::Error| {
+        anyhow::anyhow!("server.listen: cannot bind {}: {e}", cfg.server.listen)
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(cfg.server.listen),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(bind_err)?;
+    sock.set_reuse_address(true).map_err(bind_err)?;
+    sock.bind(&cfg.server.listen.into()).map_err(bind_err)?;
+    sock.listen(cfg.server.listen_backlog as i32)
+        .map_err(bind_err)?;
+    sock.set_nonblocking(true)?;
+    let listener: std::net::TcpListener = sock.into();
     let addr = listener.local_addr()?;
     let n = cfg.shard_count();
     let mut inboxes = Vec::with_capacity(n);

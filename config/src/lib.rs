@@ -61,6 +61,7 @@ pub struct ServerConfig {
     pub shard_queue_depth: usize,
     pub shutdown_deadline_ms: u64,
     pub blocking_threads: usize,
+    pub listen_backlog: u32,
 }
 
 impl Default for ServerConfig {
@@ -76,9 +77,10 @@ impl Default for ServerConfig {
             heartbeat_interval_ms: 30_000,
             outbound_buffer_bytes: 4 * 1024 * 1024,
             max_inflight_per_conn: 64,
-            shard_queue_depth: 4096,
+            shard_queue_depth: 1024,
             shutdown_deadline_ms: 10_000,
             blocking_threads: 4,
+            listen_backlog: 4096,
         }
     }
 }
@@ -461,6 +463,7 @@ impl Config {
             600_000,
         )?;
         range("server.blocking_threads", s.blocking_threads, 1, 512)?;
+        range("server.listen_backlog", s.listen_backlog, 1, 65535)?;
         let a = &self.auth;
         range("auth.min_password_len", a.min_password_len, 1, 1024)?;
         range(
