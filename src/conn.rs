@@ -286,7 +286,9 @@ async fn run(guard: Guard, stream: TcpStream) {
                 }
             }
         }
-        if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
+        // An idle connection holds no read buffer: most are idle most of the time, and
+        // memory per connection is what bounds how many one server holds.
+        if rbuf.is_empty() && rbuf.capacity() > 0 {
             rbuf = BytesMut::new();
         }
 
@@ -356,8 +358,8 @@ async fn run(guard: Guard, stream: TcpStream) {
                 match r {
                     Ok(ready) => {
                         if ready.is_readable() && want_read {
-                            if rbuf.capacity() - rbuf.len() < 4096 {
-                                rbuf.reserve(8192);
+                            if rbuf.capacity() - rbuf.len() < 1024 {
+                                rbuf.reserve(4096);
                             }
                             match stream.try_read_buf(&mut rbuf) {
                                 Ok(0) => eof = true,
@@ -394,7 +396,7 @@ fn write_some(stream: &TcpStream, conn: &ConnShared) -> bool {
             Err(_) => return false,
         }
     }
-    if out.is_empty() && out.capacity() > 256 * 1024 {
+    if out.is_empty() && out.capacity() > 2048 {
         *out = BytesMut::new();
     }
     true

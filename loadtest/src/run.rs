@@ -237,8 +237,18 @@ async fn mychat_device(
     let mut pending: HashMap<u32, (u64, Option<OwnedSemaphorePermit>)> = HashMap::new();
     let mut last_seq: HashMap<u64, u64> = HashMap::new();
     let mut open = true;
+    // A heartbeat well inside the server's idle timeout keeps idle devices connected.
+    let mut beat = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(20),
+        Duration::from_secs(20),
+    );
     loop {
         tokio::select! {
+            _ = beat.tick() => {
+                mychat_codec::encode_frame(Header::request(Command::Heartbeat.id(), 0), &[], &mut wbuf);
+                stream.write_all(&wbuf).await?;
+                wbuf.clear();
+            }
             cmd = rx.recv(), if open && ready.is_none() => {
                 let Some(cmd) = cmd else { open = false; continue };
                 // This one and whatever else is queued for this device: one write.

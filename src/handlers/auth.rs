@@ -228,7 +228,7 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
                 .ok_or_else(invalid)?;
         }
     }
-    let device = store
+    let (device, pts) = store
         .register_device(user.id, req.device_id.clone(), platform, now)
         .await?;
     if !refresh_stored && issue_refresh {
@@ -243,7 +243,6 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
             .await?;
     }
     let (access, access_exp) = issue_access(ctx, user.id, &req.device_id, device.token_epoch, now);
-    let pts = store.user_pts(user.id).await?;
 
     // A re-login on a logged-in connection replaces its session.
     let old = conn.session.borrow_mut().take();

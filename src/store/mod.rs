@@ -377,14 +377,15 @@ pub trait Store: Send + Sync + 'static {
     fn users_by_ids(&self, ids: Vec<UserId>) -> StoreFut<Vec<UserRecord>>;
     fn users_by_names(&self, names: Vec<String>) -> StoreFut<Vec<UserRecord>>;
 
-    /// Creates or refreshes a device row (platform, last login); returns it.
+    /// Creates or refreshes a device row (platform, last login); returns it and the
+    /// user's pts now (one round trip for a login).
     fn register_device(
         &self,
         user: UserId,
         device_id: String,
         platform: Platform,
         now_ms: i64,
-    ) -> StoreFut<DeviceRecord>;
+    ) -> StoreFut<(DeviceRecord, u64)>;
     fn device(&self, user: UserId, device_id: String) -> StoreFut<Option<DeviceRecord>>;
     /// Revokes the device's tokens: bumps its token epoch and deletes its refresh tokens.
     fn logout_device(&self, user: UserId, device_id: String) -> StoreFut<()>;
