@@ -602,6 +602,7 @@ async fn parent_main(args: Args) -> anyhow::Result<bool> {
     let mut state = setup::prepare(addr, &s, &state_path, run_ms, args.setup_parallel).await?;
     setup::create_groups(addr, &s, &mut state).await?;
     setup::save(&state_path, &state)?;
+    let setup_secs = t0.elapsed().as_secs_f64();
     if !args.json {
         eprintln!(
             "loadtest: {} users ready in {:.1} s (state {})",
@@ -622,6 +623,8 @@ async fn parent_main(args: Args) -> anyhow::Result<bool> {
     )
     .await?;
     let mut v = summary(&s, &o);
+    // Users registered (first run) or token-checked, and the run's groups created.
+    v["setup_secs"] = json!(setup_secs);
     let ok = passed(&v);
     if let Some(b) = &args.baseline {
         let nats = resolve(b.strip_prefix("nats://").unwrap_or(b))?;
