@@ -124,6 +124,7 @@ async fn presence_task(ctx: Rc<ShardCtx>) {
     loop {
         ctx.presence_ready.notified().await;
         let changes = std::mem::take(&mut *ctx.presence_changes.borrow_mut());
+        let mut pushes = Vec::with_capacity(changes.len());
         for (user, status) in changes {
             let now = crate::router::now_ms();
             let (st, last_seen) = match status {
@@ -150,11 +151,25 @@ async fn presence_task(ctx: Rc<ShardCtx>) {
                 mychat_codec::Header::push(Command::PresencePush.id()),
                 &push.encode_to_vec(),
             );
-            if let Ok(friends) = ctx.shared.store.friend_ids(user).await {
-                ctx.deliver_to_users(&friends, &frame, None);
+            pushes.push((user, frame));
+        }
+        if pushes.is_empty() {
+            continue;
+        }
+        // One store round trip for the whole burst (a login storm is thousands).
+        let users: Vec<UserId> = pushes.iter().map(|(u, _)| *u).collect();
+        let friends = ctx
+            .shared
+            .store
+            .friend_ids_many(users)
+            .await
+            .unwrap_or_default();
+        for (i, (user, frame)) in pushes.iter().enumerate() {
+            if let Some(f) = friends.get(i) {
+                ctx.deliver_to_users(f, frame, None);
             }
-            for (shard, conn) in ctx.shared.watchers.of(user) {
-                ctx.deliver_to_conn(shard, conn, &frame);
+            for (shard, conn) in ctx.shared.watchers.of(*user) {
+                ctx.deliver_to_conn(shard, conn, frame);
             }
         }
     }

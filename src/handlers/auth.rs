@@ -213,19 +213,15 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
             if claims.device_id != req.device_id {
                 return Err(invalid());
             }
-            let dev = store
-                .device(claims.user, claims.device_id.clone())
+            let (dev, u) = store
+                .device_and_user(claims.user, claims.device_id.clone())
                 .await?
                 .ok_or_else(invalid)?;
             if dev.token_epoch != claims.epoch {
                 return Err(invalid());
             }
             issue_refresh = false;
-            user = store
-                .users_by_ids(vec![claims.user])
-                .await?
-                .pop()
-                .ok_or_else(invalid)?;
+            user = u;
         }
     }
     let (device, pts) = store

@@ -387,6 +387,12 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreFut<(DeviceRecord, u64)>;
     fn device(&self, user: UserId, device_id: String) -> StoreFut<Option<DeviceRecord>>;
+    /// A device and its user in one round trip (a token login).
+    fn device_and_user(
+        &self,
+        user: UserId,
+        device_id: String,
+    ) -> StoreFut<Option<(DeviceRecord, UserRecord)>>;
     /// Revokes the device's tokens: bumps its token epoch and deletes its refresh tokens.
     fn logout_device(&self, user: UserId, device_id: String) -> StoreFut<()>;
     /// Moves the device's cursor forward to `pts` (never backward).
@@ -479,6 +485,8 @@ pub trait Store: Send + Sync + 'static {
     fn unblock(&self, me: UserId, other: UserId) -> StoreFut<()>;
     fn friends(&self, me: UserId, offset: u32, limit: u32) -> StoreFut<(Vec<FriendRec>, bool)>;
     fn friend_ids(&self, me: UserId) -> StoreFut<Vec<UserId>>;
+    /// Friends of each user, in one round trip (presence changes come in bursts).
+    fn friend_ids_many(&self, users: Vec<UserId>) -> StoreFut<Vec<Vec<UserId>>>;
     fn categories(&self, me: UserId) -> StoreFut<Vec<(u64, String)>>;
     fn blocked_users(&self, me: UserId) -> StoreFut<Vec<UserRecord>>;
     fn friend_requests(&self, me: UserId) -> StoreFut<Vec<PendingFriend>>;

@@ -1490,6 +1490,40 @@ impl Store for SqliteStore {
         self.read(move |c| social::friends(c, me, offset, limit))
     }
 
+    fn friend_ids_many(&self, users: Vec<UserId>) -> StoreFut<Vec<Vec<UserId>>> {
+        self.read(move |c| {
+            users
+                .into_iter()
+                .map(|u| {
+                    social::ids(
+                        c,
+                        "SELECT friend_id FROM friends WHERE user_id=?1",
+                        u.0 as i64,
+                    )
+                })
+                .collect()
+        })
+    }
+
+    fn device_and_user(
+        &self,
+        user: UserId,
+        device_id: String,
+    ) -> StoreFut<Option<(DeviceRecord, UserRecord)>> {
+        self.read(move |c| {
+            let dev = c
+                .prepare_cached("SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2")
+                .and_then(|mut s| s.query_row(params![user.0 as i64, device_id], device_row).optional())
+                .map_err(read_err)?;
+            let Some(dev) = dev else { return Ok(None) };
+            let u = c
+                .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id=?1"))
+                .and_then(|mut s| s.query_row([user.0 as i64], user_row).optional())
+                .map_err(read_err)?;
+            Ok(u.map(|u| (dev, u)))
+        })
+    }
+
     fn friend_ids(&self, me: UserId) -> StoreFut<Vec<UserId>> {
         self.read(move |c| {
             social::ids(
