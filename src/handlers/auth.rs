@@ -129,8 +129,6 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
     let mut refresh_stored = false;
     // An access-token login keeps the refresh token the device already holds.
     let mut issue_refresh = true;
-    // Set by a token login of a device already known on this platform.
-    let mut known: Option<(crate::store::DeviceRecord, u64)> = None;
     match req.credential {
         None => return Err(ApiError::bad_request("credential is missing")),
         Some(Credential::Password(p)) => {
@@ -215,7 +213,7 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
             if claims.device_id != req.device_id {
                 return Err(invalid());
             }
-            let (dev, u, pts) = store
+            let (dev, u) = store
                 .device_and_user(claims.user, claims.device_id.clone())
                 .await?
                 .ok_or_else(invalid)?;
@@ -224,20 +222,11 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
             }
             issue_refresh = false;
             user = u;
-            // A known device on the same platform needs no write: one read per login.
-            if dev.platform == platform {
-                known = Some((dev, pts));
-            }
         }
     }
-    let (device, pts) = match known {
-        Some(k) => k,
-        None => {
-            store
-                .register_device(user.id, req.device_id.clone(), platform, now)
-                .await?
-        }
-    };
+    let (device, pts) = store
+        .register_device(user.id, req.device_id.clone(), platform, now)
+        .await?;
     if !refresh_stored && issue_refresh {
         store
             .put_refresh(RefreshRecord {

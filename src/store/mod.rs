@@ -387,12 +387,12 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreFut<(DeviceRecord, u64)>;
     fn device(&self, user: UserId, device_id: String) -> StoreFut<Option<DeviceRecord>>;
-    /// A device, its user and the user's pts, in one round trip (a token login).
+    /// A device and its user in one round trip (a token login).
     fn device_and_user(
         &self,
         user: UserId,
         device_id: String,
-    ) -> StoreFut<Option<(DeviceRecord, UserRecord, u64)>>;
+    ) -> StoreFut<Option<(DeviceRecord, UserRecord)>>;
     /// Revokes the device's tokens: bumps its token epoch and deletes its refresh tokens.
     fn logout_device(&self, user: UserId, device_id: String) -> StoreFut<()>;
     /// Moves the device's cursor forward to `pts` (never backward).

@@ -1509,7 +1509,7 @@ impl Store for SqliteStore {
         &self,
         user: UserId,
         device_id: String,
-    ) -> StoreFut<Option<(DeviceRecord, UserRecord, u64)>> {
+    ) -> StoreFut<Option<(DeviceRecord, UserRecord)>> {
         self.read(move |c| {
             let dev = c
                 .prepare_cached("SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2")
@@ -1520,12 +1520,7 @@ impl Store for SqliteStore {
                 .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id=?1"))
                 .and_then(|mut s| s.query_row([user.0 as i64], user_row).optional())
                 .map_err(read_err)?;
-            let Some(u) = u else { return Ok(None) };
-            let pts: i64 = c
-                .prepare_cached("SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1")
-                .and_then(|mut s| s.query_row([user.0 as i64], |r| r.get(0)))
-                .map_err(read_err)?;
-            Ok(Some((dev, u, pts as u64)))
+            Ok(u.map(|u| (dev, u)))
         })
     }
 
