@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use mychat_client::proto as pb;
-use mychat_client::{Client, Push};
+use mychat_client::Push;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,49 +17,8 @@ async fn two_thousand_members_get_every_message_once_in_order() {
     let s = TestServer::start_with(|c| c.auth.registrations_per_addr_per_min = 10_000).await;
     let addr = Arc::new(s.addr.clone());
     // Register and log in 2,000 users.
-    let mut regs = Vec::new();
-    for chunk in 0..50 {
-        let addr = addr.clone();
-        regs.push(tokio::spawn(async move {
-            let c = Client::connect(&addr).await.unwrap();
-            let mut ids = Vec::new();
-            for i in (chunk..N).step_by(50) {
-                ids.push((
-                    i,
-                    c.register(&format!("member{i}"), &format!("password-member{i}"))
-                        .await
-                        .unwrap(),
-                ));
-            }
-            ids
-        }));
-    }
-    let mut ids = vec![0u64; N];
-    for r in regs {
-        for (i, id) in r.await.unwrap() {
-            ids[i] = id;
-        }
-    }
-    let mut logins = Vec::new();
-    for i in 0..N {
-        let addr = addr.clone();
-        logins.push(tokio::spawn(async move {
-            let c = Client::connect(&addr).await.unwrap();
-            c.login_password(
-                &format!("member{i}"),
-                &format!("password-member{i}"),
-                "d",
-                pb::Platform::Desktop,
-            )
-            .await
-            .unwrap();
-            c
-        }));
-    }
-    let mut clients = Vec::new();
-    for l in logins {
-        clients.push(l.await.unwrap());
-    }
+    let ids = register_many(&addr, "member", N).await;
+    let clients = login_many(&addr, "member", N).await;
     // Every member (the owner too) collects group messages: (seq, when).
     let mut collectors = Vec::new();
     for c in &clients {

@@ -2,7 +2,7 @@
 //! next user and gets exactly the one from the previous user. Prints the wall time.
 mod common;
 use common::*;
-use mychat_client::{Client, Push};
+use mychat_client::Push;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,52 +13,9 @@ async fn one_thousand_concurrent_clients() {
     let s = TestServer::start().await;
     let addr = Arc::new(s.addr.clone());
     let t0 = Instant::now();
-    // Register everyone (concurrently, 50 connections).
-    let mut regs = Vec::new();
-    for chunk in 0..50 {
-        let addr = addr.clone();
-        regs.push(tokio::spawn(async move {
-            let c = Client::connect(&addr).await.unwrap();
-            let mut ids = Vec::new();
-            for i in (chunk..N).step_by(50) {
-                ids.push((
-                    i,
-                    c.register(&format!("user{i}"), &format!("password-user{i}"))
-                        .await
-                        .unwrap(),
-                ));
-            }
-            ids
-        }));
-    }
-    let mut ids = vec![0u64; N];
-    for r in regs {
-        for (i, id) in r.await.unwrap() {
-            ids[i] = id;
-        }
-    }
-    let ids = Arc::new(ids);
+    let ids = Arc::new(register_many(&addr, "user", N).await);
     // 1,000 clients connected and logged in at once.
-    let mut logins = Vec::new();
-    for i in 0..N {
-        let addr = addr.clone();
-        logins.push(tokio::spawn(async move {
-            let c = Client::connect(&addr).await.unwrap();
-            c.login_password(
-                &format!("user{i}"),
-                &format!("password-user{i}"),
-                "d",
-                mychat_client::proto::Platform::Desktop,
-            )
-            .await
-            .unwrap();
-            c
-        }));
-    }
-    let mut clients = Vec::new();
-    for l in logins {
-        clients.push(l.await.unwrap());
-    }
+    let clients = login_many(&addr, "user", N).await;
     let t_login = t0.elapsed();
     let barrier = Arc::new(tokio::sync::Barrier::new(N));
     let mut tasks = Vec::new();

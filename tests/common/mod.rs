@@ -181,3 +181,58 @@ pub fn error_of(f: &Frame) -> pb::Error {
 pub fn body<M: prost::Message>(m: &M) -> Bytes {
     Bytes::from(m.encode_to_vec())
 }
+
+/// Registers `n` users named `{prefix}{i}` (password "password-{name}") over 50
+/// connections at once; returns their ids by index.
+pub async fn register_many(addr: &str, prefix: &str, n: usize) -> Vec<u64> {
+    let mut regs = Vec::new();
+    for chunk in 0..50 {
+        let (addr, prefix) = (addr.to_string(), prefix.to_string());
+        regs.push(tokio::spawn(async move {
+            let c = Client::connect(&addr).await.unwrap();
+            let mut ids = Vec::new();
+            for i in (chunk..n).step_by(50) {
+                let name = format!("{prefix}{i}");
+                ids.push((
+                    i,
+                    c.register(&name, &format!("password-{name}"))
+                        .await
+                        .unwrap(),
+                ));
+            }
+            ids
+        }));
+    }
+    let mut ids = vec![0u64; n];
+    for r in regs {
+        for (i, id) in r.await.unwrap() {
+            ids[i] = id;
+        }
+    }
+    ids
+}
+
+/// Connects and logs in users `{prefix}0..n` all at once (desktop, device "d").
+pub async fn login_many(addr: &str, prefix: &str, n: usize) -> Vec<Client> {
+    let mut logins = Vec::new();
+    for i in 0..n {
+        let (addr, name) = (addr.to_string(), format!("{prefix}{i}"));
+        logins.push(tokio::spawn(async move {
+            let c = Client::connect(&addr).await.unwrap();
+            c.login_password(
+                &name,
+                &format!("password-{name}"),
+                "d",
+                pb::Platform::Desktop,
+            )
+            .await
+            .unwrap();
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for l in logins {
+        clients.push(l.await.unwrap());
+    }
+    clients
+}
