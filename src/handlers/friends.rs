@@ -1,6 +1,8 @@
 //! Friends module (4000-4999): requests and answers (pushed, and in the streams for
 //! sync), removal, remarks, categories, blocking, the friend list with presence.
-use super::users::{me, too_long, user_pb};
+use super::me;
+use super::users::{too_long, user_pb};
+use super::{need_user, push_frame};
 use crate::conn::ConnShared;
 use crate::directory::Aggregate;
 use crate::error::{ApiError, ApiResult};
@@ -9,20 +11,8 @@ use crate::router::{decode, encode, now_ms};
 use crate::shard::ShardCtx;
 use crate::store::{FriendRequestOutcome, StoreError};
 use bytes::Bytes;
-use mychat_codec::Header;
 use mychat_proto::*;
 use std::rc::Rc;
-
-fn push<M: prost::Message>(cmd: Command, m: &M) -> Bytes {
-    mychat_codec::frame_bytes(Header::push(cmd.id()), &m.encode_to_vec())
-}
-
-fn need_user(id: u64) -> ApiResult<UserId> {
-    if id == 0 {
-        return Err(ApiError::bad_request("user_id is required"));
-    }
-    Ok(UserId(id))
-}
 
 fn map_nf(what: &'static str) -> impl Fn(StoreError) -> ApiError {
     move |e| match e {
@@ -69,13 +59,13 @@ pub async fn request(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> 
                 time_ms: now,
                 pts: to_pts,
             };
-            ctx.deliver_to_user(to, &push(Command::FriendRequestPush, &p), None);
+            ctx.deliver_to_user(to, &push_frame(Command::FriendRequestPush, &p), None);
             encode(&FriendRequestResponse { accepted: false })
         }
         FriendRequestOutcome::Accepted { my_pts, their_pts } => {
             ctx.deliver_to_user(
                 to,
-                &push(
+                &push_frame(
                     Command::FriendAnswerPush,
                     &FriendAnswerPush {
                         user_id: s.user.0,
@@ -87,7 +77,7 @@ pub async fn request(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> 
             );
             ctx.deliver_to_user(
                 s.user,
-                &push(
+                &push_frame(
                     Command::FriendAnswerPush,
                     &FriendAnswerPush {
                         user_id: to.0,
@@ -119,7 +109,7 @@ pub async fn answer(
         .map_err(map_nf("no pending request from this user"))?;
     ctx.deliver_to_user(
         requester,
-        &push(
+        &push_frame(
             Command::FriendAnswerPush,
             &FriendAnswerPush {
                 user_id: s.user.0,
@@ -132,7 +122,7 @@ pub async fn answer(
     if accept {
         ctx.deliver_to_user(
             s.user,
-            &push(
+            &push_frame(
                 Command::FriendAnswerPush,
                 &FriendAnswerPush {
                     user_id: requester.0,
@@ -158,7 +148,7 @@ pub async fn remove(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
         .map_err(map_nf("not a friend"))?;
     ctx.deliver_to_user(
         other,
-        &push(
+        &push_frame(
             Command::FriendRemovedPush,
             &FriendRemovedPush {
                 user_id: s.user.0,
@@ -169,7 +159,7 @@ pub async fn remove(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
     );
     ctx.deliver_to_user(
         s.user,
-        &push(
+        &push_frame(
             Command::FriendRemovedPush,
             &FriendRemovedPush {
                 user_id: other.0,

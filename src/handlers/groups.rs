@@ -2,7 +2,9 @@
 //! transaction (it is the one writer, so checks and changes cannot interleave); this
 //! module validates input and tells people: each change's SYSTEM notice goes to the
 //! members (and to whoever it removed), membership events to the users concerned.
-use super::users::{me, too_long};
+use super::me;
+use super::users::too_long;
+use super::{need_user, push_frame};
 use crate::conn::ConnShared;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::UserId;
@@ -10,13 +12,8 @@ use crate::router::{decode, encode, now_ms};
 use crate::shard::ShardCtx;
 use crate::store::{GroupChange, GroupInfo, GroupOp, JoinOutcome, StoreError};
 use bytes::Bytes;
-use mychat_codec::Header;
 use mychat_proto::*;
 use std::rc::Rc;
-
-fn push<M: prost::Message>(cmd: Command, m: &M) -> Bytes {
-    mychat_codec::frame_bytes(Header::push(cmd.id()), &m.encode_to_vec())
-}
 
 pub fn group_pb(g: &GroupInfo) -> Group {
     Group {
@@ -47,13 +44,6 @@ fn need_group(id: u64) -> ApiResult<u64> {
     Ok(id)
 }
 
-fn need_user(id: u64) -> ApiResult<UserId> {
-    if id == 0 {
-        return Err(ApiError::bad_request("user_id is required"));
-    }
-    Ok(UserId(id))
-}
-
 /// Tells the users whose membership changed (their own streams).
 fn publish(ctx: &ShardCtx, change: &GroupChange) {
     // The notice itself is pushed by the dispatcher (crate::dispatch), in commit order.
@@ -66,7 +56,7 @@ fn publish(ctx: &ShardCtx, change: &GroupChange) {
             }),
             pts: *pts,
         };
-        ctx.deliver_to_user(*u, &push(Command::GroupMembershipPush, &m), None);
+        ctx.deliver_to_user(*u, &push_frame(Command::GroupMembershipPush, &m), None);
     }
 }
 
@@ -254,7 +244,11 @@ pub async fn join(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                 user_id: s.user.0,
                 message: req.message,
             };
-            ctx.deliver_to_users(&approvers, &push(Command::GroupJoinRequestPush, &p), None);
+            ctx.deliver_to_users(
+                &approvers,
+                &push_frame(Command::GroupJoinRequestPush, &p),
+                None,
+            );
             encode(&GroupJoinResponse { joined: false })
         }
     }
@@ -272,7 +266,7 @@ pub async fn answer(
     op(ctx, conn, gid, GroupOp::Answer(user, approve)).await?;
     ctx.deliver_to_user(
         user,
-        &push(
+        &push_frame(
             Command::GroupJoinAnswerPush,
             &GroupJoinAnswerPush {
                 group_id: gid,

@@ -1,5 +1,6 @@
 //! Messages module (3000-3999): send (ack after the durable store, then push), receipts,
 //! sync, history, the conversation list.
+use super::{me, push_frame};
 use crate::conn::ConnShared;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{ConvId, UserId};
@@ -7,7 +8,6 @@ use crate::router::{decode, encode, now_ms};
 use crate::shard::ShardCtx;
 use crate::store::{ConvRecord, Origin, SendInput, UpdateEvent};
 use bytes::Bytes;
-use mychat_codec::Header;
 use mychat_proto::{
     update, Command, Conversation, ConversationType, ConversationsRequest, ConversationsResponse,
     DeleteForMeRequest, DeleteForMeResponse, DeliveredRequest, DeliveredResponse, ErrorCode,
@@ -38,15 +38,6 @@ fn fitting<T: prost::Message>(items: impl Iterator<Item = T>, budget: usize) -> 
         n += 1;
     }
     n
-}
-
-fn me(conn: &ConnShared) -> ApiResult<crate::conn::Session> {
-    conn.session()
-        .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "log in first"))
-}
-
-fn push_frame<M: prost::Message>(cmd: Command, m: &M) -> Bytes {
-    mychat_codec::frame_bytes(Header::push(cmd.id()), &m.encode_to_vec())
 }
 
 pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {

@@ -1,16 +1,14 @@
 //! Presence and typing (6000-6999). Status pushes are made by each shard's presence
 //! task (see `crate::presence`); this module serves the requests.
 use super::friends::presence_of;
-use super::users::me;
+use super::{me, push_frame};
 use crate::conn::ConnShared;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::UserId;
 use crate::router::{decode, encode};
 use crate::shard::ShardCtx;
 use bytes::Bytes;
-use mychat_codec::Header;
 use mychat_proto::*;
-use prost::Message as _;
 use std::rc::Rc;
 
 pub async fn set(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> ApiResult<Bytes> {
@@ -95,10 +93,7 @@ pub async fn typing(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
         group_id: req.group_id,
         typing: req.typing,
     };
-    let frame = mychat_codec::frame_bytes(
-        Header::push(Command::TypingPush.id()),
-        &push.encode_to_vec(),
-    );
+    let frame = push_frame(Command::TypingPush, &push);
     if req.group_id == 0 && (req.to_user_id == 0 || req.to_user_id == s.user.0) {
         return Err(ApiError::bad_request(
             "to_user_id (another user) or group_id is required",

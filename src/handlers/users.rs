@@ -1,4 +1,5 @@
 //! Users (2000-2999, beside auth): profiles and search.
+use super::me;
 use crate::conn::ConnShared;
 use crate::error::{ApiError, ApiResult};
 use crate::router::{decode, encode};
@@ -21,11 +22,6 @@ pub fn user_pb(u: &UserRecord) -> User {
         avatar: u.avatar.clone(),
         signature: u.signature.clone(),
     }
-}
-
-pub(crate) fn me(conn: &ConnShared) -> ApiResult<crate::conn::Session> {
-    conn.session()
-        .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "log in first"))
 }
 
 pub(crate) fn too_long(field: &str, v: &str, max: usize) -> ApiResult<()> {
