@@ -128,13 +128,13 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                 crate::store::StoreError::NotFound => ApiError::not_found("no such group"),
                 e => e.into(),
             })?;
-        let m = &out.send.message;
+        let m = &out.message;
         return encode(&SendMessageResponse {
             message_id: m.id,
             conversation_id: m.conversation_id,
             seq: m.seq,
             time_ms: m.time_ms,
-            duplicate: out.send.duplicate,
+            duplicate: out.duplicate,
             pts: 0,
         });
     }
@@ -562,7 +562,7 @@ pub async fn recall(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
         })?;
     // The notice is pushed by the dispatcher (crate::dispatch), in commit order.
     encode(&RecallResponse {
-        notice_seq: out.notice.seq,
+        notice_seq: out.seq,
     })
 }
 

@@ -108,9 +108,8 @@ pub struct SendInput {
 #[derive(Clone, Debug)]
 pub struct SendOutcome {
     pub message: Message,
-    /// The sender's and the recipient's pts for this message (0 on a duplicate).
+    /// The sender's pts for this message (0 on a duplicate and for groups).
     pub sender_pts: u64,
-    pub recipient_pts: u64,
     pub duplicate: bool,
 }
 
@@ -229,16 +228,11 @@ pub struct GroupMemberRec {
     pub muted_until_ms: i64,
 }
 
-/// A change to a group, as committed.
+/// A change to a group, as committed. Its SYSTEM notice is published (see
+/// [`Publication`]) to the members and to whoever it removed.
 #[derive(Clone, Debug)]
 pub struct GroupChange {
     pub info: GroupInfo,
-    /// The SYSTEM message that announces it in the group's conversation.
-    pub notice: Option<Message>,
-    /// The members after the change (the notice goes to them …).
-    pub members: std::sync::Arc<Vec<UserId>>,
-    /// … and to those it removed.
-    pub removed: Vec<UserId>,
     /// Membership events written to users' streams: (user, pts, member now).
     pub membership: Vec<(UserId, u64, bool)>,
 }
@@ -270,12 +264,6 @@ pub enum JoinOutcome {
     },
 }
 
-#[derive(Clone, Debug)]
-pub struct GroupSendOutcome {
-    pub send: SendOutcome,
-    pub members: std::sync::Arc<Vec<UserId>>,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FriendRequestOutcome {
     /// Stored; the receiver's pts for the request event.
@@ -305,16 +293,6 @@ pub struct PendingFriend {
     pub message: String,
     pub time_ms: i64,
     pub incoming: bool,
-}
-
-#[derive(Clone, Debug)]
-pub struct RecallOutcome {
-    /// The SYSTEM message announcing the recall.
-    pub notice: Message,
-    /// DIRECT: both users with their pts for the notice.
-    pub direct: Vec<(UserId, u64)>,
-    /// GROUP: the members to push the notice to.
-    pub group_members: Option<std::sync::Arc<Vec<UserId>>>,
 }
 
 /// The connection a write came from (its own push is left out: it gets the ack).
@@ -520,7 +498,7 @@ pub trait Store: Send + Sync + 'static {
         max_members: u32,
     ) -> StoreFut<JoinOutcome>;
     /// Stores a group message (sender must be a member and not muted).
-    fn send_group(&self, group: u64, input: SendInput) -> StoreFut<GroupSendOutcome>;
+    fn send_group(&self, group: u64, input: SendInput) -> StoreFut<SendOutcome>;
     fn group_info(&self, group: u64) -> StoreFut<Option<GroupInfo>>;
     /// The user's role in the group, if a member.
     fn group_role(&self, group: u64, user: UserId) -> StoreFut<Option<i32>>;
@@ -546,7 +524,7 @@ pub trait Store: Send + Sync + 'static {
         message_id: u64,
         now_ms: i64,
         window_ms: i64,
-    ) -> StoreFut<RecallOutcome>;
+    ) -> StoreFut<Message>;
     fn hide(&self, user: UserId, message_ids: Vec<u64>) -> StoreFut<()>;
 
     /// Where committed messages go to be pushed (set once at start; before it is set,

@@ -887,7 +887,6 @@ impl Writer {
             return Ok(SendOutcome {
                 message,
                 sender_pts: 0,
-                recipient_pts: 0,
                 duplicate: true,
             });
         }
@@ -949,7 +948,6 @@ impl Writer {
         Ok(SendOutcome {
             message,
             sender_pts,
-            recipient_pts,
             duplicate: false,
         })
     }
@@ -1606,7 +1604,7 @@ impl Store for SqliteStore {
         self.write(move |w, d| w.group_join(user, group, message, now_ms, max_members, d))
     }
 
-    fn send_group(&self, group: u64, input: SendInput) -> StoreFut<GroupSendOutcome> {
+    fn send_group(&self, group: u64, input: SendInput) -> StoreFut<SendOutcome> {
         self.write(move |w, d| w.send_group(group, input, d))
     }
 
@@ -1681,7 +1679,7 @@ impl Store for SqliteStore {
         message_id: u64,
         now_ms: i64,
         window_ms: i64,
-    ) -> StoreFut<RecallOutcome> {
+    ) -> StoreFut<Message> {
         self.write(move |w, d| w.recall(user, message_id, now_ms, window_ms, d))
     }
 

@@ -642,22 +642,16 @@ impl Writer {
         let conv = self.group(gid)?.conv;
         let last = self.seq_of(conv)?;
         let g = self.group(gid)?;
-        let (info, list) = (g.info(last), g.list.clone());
-        if let Some(n) = &notice {
+        let (info, members) = (g.info(last), g.list.clone());
+        if let Some(message) = notice {
             self.publications.push(Publication::Group {
-                message: n.clone(),
-                members: list.clone(),
-                extra: removed.clone(),
+                message,
+                members,
+                extra: removed,
                 origin: None,
             });
         }
-        Ok(GroupChange {
-            info,
-            notice,
-            members: list,
-            removed,
-            membership,
-        })
+        Ok(GroupChange { info, membership })
     }
 
     fn group_notice(
@@ -879,9 +873,9 @@ impl Writer {
                 )?;
                 self.groups.remove(&gid);
                 self.publications.push(Publication::Group {
-                    message: notice.clone(),
+                    message: notice,
                     members: Arc::new(Vec::new()),
-                    extra: list.clone(),
+                    extra: list,
                     origin: None,
                 });
                 Ok(GroupChange {
@@ -889,9 +883,6 @@ impl Writer {
                         member_count: 0,
                         ..info
                     },
-                    notice: Some(notice),
-                    members: Arc::new(Vec::new()),
-                    removed: list,
                     membership,
                 })
             }
@@ -1147,7 +1138,7 @@ impl Writer {
         gid: u64,
         i: SendInput,
         d: &mut CacheDelta,
-    ) -> Result<GroupSendOutcome, StoreError> {
+    ) -> Result<SendOutcome, StoreError> {
         let g = self.group(gid)?;
         let Some(m) = g.members.get(&i.sender) else {
             return Err(forbidden("you are not a member of this group"));
@@ -1165,14 +1156,10 @@ impl Writer {
         }
         let (conv, members) = (g.conv, g.list.clone());
         if let Some(message) = self.find_client_msg(i.sender, &i.client_msg_id)? {
-            return Ok(GroupSendOutcome {
-                send: SendOutcome {
-                    message,
-                    sender_pts: 0,
-                    recipient_pts: 0,
-                    duplicate: true,
-                },
-                members,
+            return Ok(SendOutcome {
+                message,
+                sender_pts: 0,
+                duplicate: true,
             });
         }
         let message = self.insert_message(
@@ -1193,18 +1180,14 @@ impl Writer {
         )?;
         self.publications.push(Publication::Group {
             message: message.clone(),
-            members: members.clone(),
+            members,
             extra: Vec::new(),
             origin: i.origin,
         });
-        Ok(GroupSendOutcome {
-            send: SendOutcome {
-                message,
-                sender_pts: 0,
-                recipient_pts: 0,
-                duplicate: false,
-            },
-            members,
+        Ok(SendOutcome {
+            message,
+            sender_pts: 0,
+            duplicate: false,
         })
     }
 
@@ -1250,7 +1233,7 @@ impl Writer {
         now: i64,
         window: i64,
         d: &mut CacheDelta,
-    ) -> Result<RecallOutcome, StoreError> {
+    ) -> Result<Message, StoreError> {
         let Some(m) = self.message_by_id(id)? else {
             return Err(StoreError::NotFound);
         };
@@ -1298,15 +1281,11 @@ impl Writer {
             )?;
             self.publications.push(Publication::Group {
                 message: notice.clone(),
-                members: members.clone(),
+                members,
                 extra: Vec::new(),
                 origin: None,
             });
-            return Ok(RecallOutcome {
-                notice,
-                direct: Vec::new(),
-                group_members: Some(members),
-            });
+            return Ok(notice);
         }
         let peer = UserId(m.recipient_id);
         let notice = self.system_message(
@@ -1319,9 +1298,9 @@ impl Writer {
             now,
             d,
         )?;
-        let mut direct = Vec::new();
-        for u in [user, peer] {
-            let pts = self.push_update(
+        let mut pts = [0u64; 2];
+        for (k, u) in [user, peer].into_iter().enumerate() {
+            pts[k] = self.push_update(
                 u,
                 StreamEvent {
                     kind: UPDATE_MESSAGE,
@@ -1332,19 +1311,14 @@ impl Writer {
                 },
                 d,
             )?;
-            direct.push((u, pts));
         }
         self.publications.push(Publication::Direct {
             message: notice.clone(),
-            sender_pts: direct[0].1,
-            recipient_pts: direct[1].1,
+            sender_pts: pts[0],
+            recipient_pts: pts[1],
             origin: None,
         });
-        Ok(RecallOutcome {
-            notice,
-            direct,
-            group_members: None,
-        })
+        Ok(notice)
     }
 
     pub(super) fn hide(&mut self, user: UserId, ids: Vec<u64>) -> Result<(), StoreError> {
