@@ -125,6 +125,7 @@ async fn presence_task(ctx: Rc<ShardCtx>) {
         ctx.presence_ready.notified().await;
         let changes = std::mem::take(&mut *ctx.presence_changes.borrow_mut());
         let mut pushes = Vec::with_capacity(changes.len());
+        let mut seen = Vec::new();
         for (user, status) in changes {
             let now = crate::router::now_ms();
             let (st, last_seen) = match status {
@@ -132,7 +133,7 @@ async fn presence_task(ctx: Rc<ShardCtx>) {
                 Aggregate::Away => (PresenceStatus::Away, 0),
                 Aggregate::Offline => {
                     ctx.shared.last_seen.set(user, now);
-                    let _ = ctx.shared.store.set_last_seen(user, now).await;
+                    seen.push((user, now));
                     (PresenceStatus::Offline, now)
                 }
             };
@@ -152,6 +153,10 @@ async fn presence_task(ctx: Rc<ShardCtx>) {
                 &push.encode_to_vec(),
             );
             pushes.push((user, frame));
+        }
+        // One write for the burst (a disconnect storm is thousands), not one each.
+        if !seen.is_empty() {
+            let _ = ctx.shared.store.set_last_seen(seen).await;
         }
         if pushes.is_empty() {
             continue;

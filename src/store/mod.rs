@@ -435,7 +435,8 @@ pub trait Store: Send + Sync + 'static {
         after: String,
         limit: u32,
     ) -> StoreFut<(Vec<UserRecord>, bool)>;
-    fn set_last_seen(&self, user: UserId, ms: i64) -> StoreFut<()>;
+    /// Records when users' last sessions ended (one write for a burst of them).
+    fn set_last_seen(&self, seen: Vec<(UserId, i64)>) -> StoreFut<()>;
 
     // --- friends ---
     fn friend_request(

@@ -1428,8 +1428,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_last_seen(&self, user: UserId, ms: i64) -> StoreFut<()> {
-        self.write(move |w, _| w.set_last_seen(user, ms))
+    fn set_last_seen(&self, seen: Vec<(UserId, i64)>) -> StoreFut<()> {
+        self.write(move |w, _| w.set_last_seen(&seen))
     }
 
     fn friend_request(

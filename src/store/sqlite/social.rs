@@ -259,11 +259,13 @@ impl Writer {
             .ok_or(StoreError::NotFound)
     }
 
-    pub(super) fn set_last_seen(&mut self, user: UserId, ms: i64) -> Result<(), StoreError> {
-        self.exec(
-            "UPDATE users SET last_seen_ms=?2 WHERE id=?1",
-            params![user.0 as i64, ms],
-        )?;
+    pub(super) fn set_last_seen(&mut self, seen: &[(UserId, i64)]) -> Result<(), StoreError> {
+        for (user, ms) in seen {
+            self.exec(
+                "UPDATE users SET last_seen_ms=?2 WHERE id=?1",
+                params![user.0 as i64, ms],
+            )?;
+        }
         Ok(())
     }
 
