@@ -18,7 +18,7 @@ use crate::store::{Origin, Publication};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use mychat_codec::Header;
-use mychat_proto::{Command, MessagePush};
+use mychat_proto::Command;
 use prost::Message as _;
 use std::sync::Arc;
 
@@ -28,15 +28,22 @@ pub const QUEUE: usize = 256;
 /// memory pushes can hold while connections write them out.
 pub const BATCH: usize = 256;
 
-fn frame(m: &mychat_proto::Message, pts: u64) -> Bytes {
-    let push = MessagePush {
-        message: Some(m.clone()),
-        pts,
-    };
-    mychat_codec::frame_bytes(
-        Header::push(Command::MessagePush.id()),
-        &push.encode_to_vec(),
-    )
+/// `MessagePush.message` (field 1) encoded once, for every push of that message.
+fn message_field(m: &mychat_proto::Message) -> Vec<u8> {
+    let mut b = Vec::with_capacity(m.encoded_len() + 8);
+    prost::encoding::message::encode(1, m, &mut b);
+    b
+}
+
+/// A MESSAGE_PUSH frame from the encoded message field and the receiver's pts: the
+/// message is neither cloned nor encoded again per receiver.
+fn frame(message_field: &[u8], pts: u64) -> Bytes {
+    let mut body = Vec::with_capacity(message_field.len() + 11);
+    body.extend_from_slice(message_field);
+    if pts != 0 {
+        prost::encoding::uint64::encode(2, &pts, &mut body);
+    }
+    mychat_codec::frame_bytes(Header::push(Command::MessagePush.id()), &body)
 }
 
 struct Batches<'a> {
@@ -85,9 +92,10 @@ impl Batches<'_> {
             } => {
                 let sender = UserId(message.sender_id);
                 let recipient = UserId(message.recipient_id);
-                let to_recipient = frame(&message, recipient_pts);
+                let field = message_field(&message);
+                let to_recipient = frame(&field, recipient_pts);
                 self.for_user(recipient, &to_recipient, None);
-                let to_sender = frame(&message, sender_pts);
+                let to_sender = frame(&field, sender_pts);
                 self.for_user(sender, &to_sender, origin);
             }
             Publication::Group {
@@ -96,7 +104,7 @@ impl Batches<'_> {
                 extra,
                 origin,
             } => {
-                let f = frame(&message, 0);
+                let f = frame(&message_field(&message), 0);
                 for u in members.iter().chain(extra.iter()) {
                     self.for_user(*u, &f, origin);
                 }
@@ -145,6 +153,33 @@ pub fn run(shared: Arc<Shared>, rx: Receiver<Vec<Publication>>) {
         b.flush();
         if stop {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mychat_proto::MessagePush;
+
+    /// The assembled push is byte for byte what prost encodes for MessagePush.
+    #[test]
+    fn assembled_push_equals_prost_encoding() {
+        let m = mychat_proto::Message {
+            id: 7,
+            conversation_id: 3,
+            seq: 9,
+            text: "hi".into(),
+            ..Default::default()
+        };
+        for pts in [0u64, 1, 300, u64::MAX] {
+            let expected = MessagePush {
+                message: Some(m.clone()),
+                pts,
+            }
+            .encode_to_vec();
+            let f = frame(&message_field(&m), pts);
+            assert_eq!(&f[12..], &expected[..], "pts {pts}");
         }
     }
 }
