@@ -661,3 +661,51 @@ async fn slow_consumer_is_disconnected_and_loses_nothing() {
     }
     assert_eq!(seqs, acked);
 }
+
+/// A full write queue refuses with UNAVAILABLE, and what was refused is not stored:
+/// history holds exactly the acknowledged messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_write_queue_refuses_and_stores_only_what_it_acked() {
+    let s = TestServer::start_with(|c| {
+        c.store.write_queue = 1;
+        c.store.max_batch = 1;
+    })
+    .await;
+    s.register("alice").await;
+    let bob = s.register("bob").await;
+    let (a, _) = s.login("alice", "a", Platform::Desktop).await;
+    let a = std::sync::Arc::new(a);
+    let mut sends = Vec::new();
+    for i in 0..64 {
+        let a = a.clone();
+        sends.push(tokio::spawn(async move {
+            a.send_text(bob, &format!("m{i}")).await
+        }));
+    }
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    for t in sends {
+        match t.await.unwrap() {
+            Ok(ack) => acked.push(ack.message_id),
+            Err(e) => {
+                assert_eq!(code(e), ErrorCode::Unavailable);
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "a queue of one refused nothing");
+    let h = a
+        .history(pb::HistoryRequest {
+            peer_user_id: bob,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stored: Vec<u64> = h.messages.iter().map(|m| m.id).collect();
+    stored.sort();
+    acked.sort();
+    assert_eq!(stored, acked);
+    assert_eq!(
+        h.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=acked.len() as u64).collect::<Vec<_>>()
+    );
+}
