@@ -477,7 +477,7 @@ struct Writer {
     /// committed: consulted before the caches, merged into them on commit.
     batch_seq: HashMap<ConvId, u64>,
     batch_pts: HashMap<UserId, u64>,
-    pairs_pending: Vec<ConvRecord>,
+    pairs_pending: HashMap<(UserId, UserId), ConvRecord>,
     /// Group state (settings and members), loaded on demand; exact (one writer).
     groups: HashMap<u64, social::GroupState>,
     /// Groups changed by the batch being built (dropped from `groups` if their write
@@ -519,7 +519,7 @@ impl Writer {
             pairs: HashMap::new(),
             batch_seq: HashMap::new(),
             batch_pts: HashMap::new(),
-            pairs_pending: Vec::new(),
+            pairs_pending: HashMap::new(),
             groups: HashMap::new(),
             groups_dirty: Vec::new(),
             publications: Vec::new(),
@@ -579,7 +579,7 @@ impl Writer {
                 self.batch_seq.extend(delta.seqs);
                 self.batch_pts.extend(delta.pts);
                 if let Some(c) = delta.pair {
-                    self.pairs_pending.push(c);
+                    self.pairs_pending.insert((c.user_a, c.user_b), c);
                 }
             } else {
                 let _ = self.conn.execute_batch("ROLLBACK TO op; RELEASE op");
@@ -607,9 +607,7 @@ impl Writer {
                 self.groups_dirty.clear();
                 self.last_seq.extend(self.batch_seq.drain());
                 self.last_pts.extend(self.batch_pts.drain());
-                for c in self.pairs_pending.drain(..) {
-                    self.pairs.insert((c.user_a, c.user_b), c);
-                }
+                self.pairs.extend(self.pairs_pending.drain());
                 // Publish in commit order, then answer: a pushed message is durable.
                 let pubs = std::mem::take(&mut self.publications);
                 if !pubs.is_empty() {
@@ -827,11 +825,7 @@ impl Writer {
         if let Some(c) = self.pairs.get(&(a, b)) {
             return Ok(c.clone());
         }
-        if let Some(c) = self
-            .pairs_pending
-            .iter()
-            .find(|c| (c.user_a, c.user_b) == (a, b))
-        {
+        if let Some(c) = self.pairs_pending.get(&(a, b)) {
             return Ok(c.clone());
         }
         let found = self
