@@ -248,6 +248,8 @@ async fn run(guard: Guard, stream: TcpStream) {
     let mut inflight: FuturesUnordered<Reply> = FuturesUnordered::new();
     // A LOGIN or LOGOUT in flight: nothing else starts until it is answered.
     let mut barrier = false;
+    // A LOGIN/LOGOUT decoded while other requests were in flight, waiting for them.
+    let mut held: Option<mychat_codec::Frame> = None;
     let mut eof = false;
     let timer = tokio::time::sleep_until(login_deadline.min(last_frame + idle));
     tokio::pin!(timer);
@@ -255,7 +257,11 @@ async fn run(guard: Guard, stream: TcpStream) {
     loop {
         // 1. Start requests from what is buffered.
         while conn.closing.borrow().is_none() && !barrier && inflight.len() < max_inflight {
-            match codec.decode(&mut rbuf) {
+            let next = match held.take() {
+                Some(frame) => Ok(Some(frame)),
+                None => codec.decode(&mut rbuf),
+            };
+            match next {
                 Ok(Some(frame)) => {
                     last_frame = Instant::now();
                     let is_barrier = matches!(
@@ -263,11 +269,8 @@ async fn run(guard: Guard, stream: TcpStream) {
                         Some(Command::Login | Command::Logout)
                     ) && frame.header.flags == 0;
                     if is_barrier && !inflight.is_empty() {
-                        // Wait for the others; put the frame back in front.
-                        let mut again = BytesMut::new();
-                        mychat_codec::encode_frame(frame.header, &frame.body, &mut again);
-                        again.extend_from_slice(&rbuf);
-                        rbuf = again;
+                        // It runs alone: hold it until the others are answered.
+                        held = Some(frame);
                         break;
                     }
                     barrier = is_barrier;
@@ -328,6 +331,7 @@ async fn run(guard: Guard, stream: TcpStream) {
         let want_read = !eof
             && closing.is_none()
             && !barrier
+            && held.is_none()
             && inflight.len() < max_inflight
             && conn.out.borrow().len() < ctx.shared.cfg.server.outbound_buffer_bytes;
         let want_write = !conn.out.borrow().is_empty();

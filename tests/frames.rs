@@ -238,3 +238,52 @@ async fn connections_past_the_limit_are_refused() {
     let c = s.client().await;
     c.heartbeat().await.unwrap();
 }
+
+/// LOGIN runs alone: pipelined behind another request and ahead of one that needs the
+/// session (all in one write), it waits for the first and the last waits for it.
+#[tokio::test]
+async fn pipelined_login_is_a_barrier() {
+    let s = TestServer::start().await;
+    s.register("alice").await;
+    let login = pb::LoginRequest {
+        credential: Some(pb::login_request::Credential::Password(
+            pb::PasswordCredential {
+                username: "alice".into(),
+                password: "password-alice".into(),
+            },
+        )),
+        device_id: "d".into(),
+        platform: pb::Platform::Desktop as i32,
+    };
+    let mut wire = Vec::new();
+    wire.extend_from_slice(&mychat_codec::frame_bytes(
+        mychat_codec::Header::request(1001, 1),
+        b"",
+    ));
+    wire.extend_from_slice(&mychat_codec::frame_bytes(
+        mychat_codec::Header::request(Command::Login.id(), 2),
+        &body(&login),
+    ));
+    let sync = pb::SyncRequest {
+        since_pts: Some(0),
+        limit: 0,
+    };
+    wire.extend_from_slice(&mychat_codec::frame_bytes(
+        mychat_codec::Header::request(Command::Sync.id(), 3),
+        &body(&sync),
+    ));
+    let mut r = Raw::connect(&s.addr).await;
+    r.send_bytes(&wire).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let f = r.frame().await.unwrap();
+        assert!(
+            !f.header.is_error(),
+            "seq {} refused: {:?}",
+            f.header.seq,
+            error_of(&f)
+        );
+        got.push(f.header.seq);
+    }
+    assert_eq!(got, vec![1, 2, 3]);
+}
