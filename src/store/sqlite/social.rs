@@ -291,7 +291,16 @@ impl Writer {
         )
     }
 
-    fn befriend(&mut self, a: UserId, b: UserId, now: i64) -> Result<(), StoreError> {
+    /// Makes `a` and `b` friends (clearing requests either way) and writes the
+    /// ACCEPTED event into both streams; returns each side's pts for it.
+    fn befriend(
+        &mut self,
+        a: UserId,
+        b: UserId,
+        now: i64,
+        d: &mut CacheDelta,
+    ) -> Result<FriendPts, StoreError> {
+        use mychat_proto::friend_event::Kind;
         for (x, y) in [(a, b), (b, a)] {
             self.exec(
                 "INSERT OR IGNORE INTO friends(user_id, friend_id, since_ms) VALUES(?1, ?2, ?3)",
@@ -302,7 +311,9 @@ impl Writer {
                 params![x.0 as i64, y.0 as i64],
             )?;
         }
-        Ok(())
+        let me = self.friend_event(a, Kind::Accepted as i32, b, "", d)?;
+        let them = self.friend_event(b, Kind::Accepted as i32, a, "", d)?;
+        Ok(FriendPts { me, them })
     }
 
     pub(super) fn friend_request(
@@ -335,10 +346,11 @@ impl Writer {
             .and_then(|mut s| s.exists([to.0 as i64, from.0 as i64]))
             .map_err(internal)?;
         if reverse {
-            self.befriend(from, to, now)?;
-            let my_pts = self.friend_event(from, Kind::Accepted as i32, to, "", d)?;
-            let their_pts = self.friend_event(to, Kind::Accepted as i32, from, "", d)?;
-            return Ok(FriendRequestOutcome::Accepted { my_pts, their_pts });
+            let pts = self.befriend(from, to, now, d)?;
+            return Ok(FriendRequestOutcome::Accepted {
+                my_pts: pts.me,
+                their_pts: pts.them,
+            });
         }
         self.exec(
             "INSERT INTO friend_requests(from_id, to_id, message, time_ms) VALUES(?1, ?2, ?3, ?4)
@@ -372,10 +384,7 @@ impl Writer {
         if self.blocked(me, requester)? || self.blocked(requester, me)? {
             return Err(forbidden("blocked"));
         }
-        self.befriend(me, requester, now)?;
-        let them = self.friend_event(requester, Kind::Accepted as i32, me, "", d)?;
-        let mine = self.friend_event(me, Kind::Accepted as i32, requester, "", d)?;
-        Ok(FriendPts { me: mine, them })
+        self.befriend(me, requester, now, d)
     }
 
     pub(super) fn friend_remove(
