@@ -36,9 +36,8 @@
 //! - reads run on the caller runtime's blocking pool with a pooled read-only connection
 //!   (WAL: readers never wait for the writer and see every committed write);
 //! - a checkpointer thread runs PASSIVE WAL checkpoints every 200 ms (TRUNCATE past
-//!   `store.wal_limit_mib`, which bounds the WAL under steady load, at the price of a
-//!   short stall of writes); below the limit the ack path never waits for a checkpoint
-//!   (`wal_autocheckpoint` is off on the writer).
+//!   `store.wal_limit_mib`, which bounds the WAL under steady load), so the ack path
+//!   never pays for one (`wal_autocheckpoint` is off on the writer).
 //!
 //! Durability: `journal_mode=WAL`, `synchronous=FULL`: a COMMIT returns after the WAL
 //! is fsynced, and an acknowledged write survives kill -9 and power loss.
