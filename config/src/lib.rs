@@ -263,7 +263,6 @@ pub struct StoreConfig {
     pub max_batch: usize,
     pub read_connections: usize,
     pub cache_mib: u32,
-    pub wal_limit_mib: u32,
 }
 
 impl Default for StoreConfig {
@@ -274,7 +273,6 @@ impl Default for StoreConfig {
             max_batch: 1024,
             read_connections: 4,
             cache_mib: 64,
-            wal_limit_mib: 256,
         }
     }
 }
@@ -621,7 +619,6 @@ impl Config {
         range("store.max_batch", st.max_batch, 1, 1 << 16)?;
         range("store.read_connections", st.read_connections, 1, 256)?;
         range("store.cache_mib", st.cache_mib, 1, 1 << 16)?;
-        range("store.wal_limit_mib", st.wal_limit_mib, 1, 1 << 20)?;
         if self.log.level.trim().is_empty() {
             return Err(key_err("log.level", "must not be empty"));
         }

@@ -35,8 +35,7 @@
 //!   caches when the batch commits, and are dropped whole if the commit fails;
 //! - reads run on the caller runtime's blocking pool with a pooled read-only connection
 //!   (WAL: readers never wait for the writer and see every committed write);
-//! - a checkpointer thread runs PASSIVE WAL checkpoints every 200 ms (TRUNCATE past
-//!   `store.wal_limit_mib`, which bounds the WAL under steady load), so the ack path
+//! - a checkpointer thread runs PASSIVE WAL checkpoints once a second, so the ack path
 //!   never pays for one (`wal_autocheckpoint` is off on the writer).
 //!
 //! Durability: `journal_mode=WAL`, `synchronous=FULL`: a COMMIT returns after the WAL
@@ -293,28 +292,13 @@ impl SqliteStore {
             .map_err(internal)?;
         let cp_conn = open(&path, false, 1)?;
         let cp_closing = closing.clone();
-        let wal_path = dir.join("mychat.db-wal");
-        let wal_limit = cfg.wal_limit_mib as u64 * 1024 * 1024;
         let checkpointer = std::thread::Builder::new()
             .name("mychat-store-checkpoint".into())
             .spawn(move || {
                 while !cp_closing.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(200));
                     // PASSIVE never blocks the writer; errors (busy) retry next round.
-                    // But under steady load readers always hold a snapshot, the WAL never
-                    // rewinds and grows without end (seen here: 2 GB after a few load
-                    // runs, and a slow start replaying it). Past the limit, TRUNCATE: it
-                    // waits for readers and holds the writer for the copy, a short stall
-                    // that bounds the disk and the restart time.
-                    let big = std::fs::metadata(&wal_path)
-                        .map(|m| m.len() > wal_limit)
-                        .unwrap_or(false);
-                    let mode = if big { "TRUNCATE" } else { "PASSIVE" };
-                    let _ = cp_conn.query_row(
-                        &format!("PRAGMA wal_checkpoint({mode})"),
-                        [],
-                        |_| Ok(()),
-                    );
+                    let _ = cp_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
                 }
             })
             .map_err(internal)?;
