@@ -10,10 +10,20 @@
 //! Writes: responses and pushes are appended to one `BytesMut`; each wakeup writes as
 //! much of it as the socket takes (one write for many frames). Its size is bounded by
 //! `server.outbound_buffer_bytes`: past it the connection is closed as a slow consumer
-//! (its messages are stored; it re-syncs when it comes back).
+//! (its messages are stored; it re-syncs when it comes back). The shard's connections
+//! together are bounded by their share of `server.outbound_total_bytes`: while the
+//! shard is past it, a push to a connection already holding [`FAIR_SHARE`] unread bytes
+//! closes that connection the same way. So however many readers stall, what they pin
+//! is at most the total budget plus one fair share each (bounded by max_connections).
+//!
+//! Requests: each connection has a token bucket (`server.requests_per_sec`,
+//! `server.request_burst`); a request finding it empty is answered RATE_LIMITED
+//! without being served, and the connection stays open (PROTOCOL.md).
 
 use crate::directory::SessionRef;
 use crate::ids::{ConnId, UserId};
+use crate::limits::TokenBucket;
+use crate::metrics::Metrics;
 use crate::router;
 use crate::shard::ShardCtx;
 use bytes::{Buf, Bytes, BytesMut};
@@ -27,7 +37,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::Interest;
@@ -35,6 +44,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
+
+/// Unread bytes a connection may hold even while its shard is over its outbound budget.
+pub const FAIR_SHARE: usize = 64 * 1024;
 
 /// The logged-in identity of a connection.
 #[derive(Clone, Debug)]
@@ -76,12 +88,13 @@ pub struct ConnShared {
 impl ConnShared {
     /// Appends an encoded frame unless the connection is closing; closes it as a slow
     /// consumer when the outbound bound would be passed.
-    pub fn push(&self, frame: &[u8], bound: usize) {
+    pub fn push(&self, frame: &[u8], ctx: &ShardCtx) {
         if self.closing.borrow().is_some() {
             return;
         }
+        let bound = ctx.shared.cfg.server.outbound_buffer_bytes;
         let mut out = self.out.borrow_mut();
-        if out.len() + frame.len() > bound {
+        if out.len() + frame.len() > bound || (out.len() >= FAIR_SHARE && ctx.out_over_budget()) {
             drop(out);
             self.kick(
                 KickReason::SlowConsumer,
@@ -91,6 +104,7 @@ impl ConnShared {
         }
         let was_empty = out.is_empty();
         out.extend_from_slice(frame);
+        ctx.out_add(frame.len());
         if was_empty {
             self.wake.notify_one();
         }
@@ -98,8 +112,9 @@ impl ConnShared {
 
     /// Appends a response frame; responses are never refused (they are bounded by the
     /// in-flight limit) but a closing connection drops them.
-    fn push_response(&self, frame: &[u8]) {
+    fn push_response(&self, frame: &[u8], ctx: &ShardCtx) {
         self.out.borrow_mut().extend_from_slice(frame);
+        ctx.out_add(frame.len());
     }
 
     /// Starts closing with a KICK push (the first reason wins).
@@ -179,10 +194,11 @@ impl Drop for Guard {
                 .remove(u, (self.ctx.id, self.conn.id));
         }
         self.ctx.conns.borrow_mut().remove(&self.conn.id);
-        self.ctx.shared.connections.fetch_sub(1, Ordering::AcqRel);
-        self.ctx.shared.shards[self.ctx.id.0]
-            .load
-            .fetch_sub(1, Ordering::Relaxed);
+        let unwritten = std::mem::take(&mut *self.conn.out.borrow_mut());
+        self.ctx.out_sub(unwritten.len());
+        self.ctx
+            .shared
+            .conn_closed(self.ctx.id.0, self.conn.peer.ip());
     }
 }
 
@@ -251,19 +267,35 @@ async fn run(guard: Guard, stream: TcpStream) {
     // A LOGIN/LOGOUT decoded while other requests were in flight, waiting for them.
     let mut held: Option<mychat_codec::Frame> = None;
     let mut eof = false;
+    let (rate, burst) = (cfg.requests_per_sec, cfg.request_burst);
+    let mut bucket = TokenBucket::full(burst, std::time::Instant::now());
     let timer = tokio::time::sleep_until(login_deadline.min(last_frame + idle));
     tokio::pin!(timer);
 
     loop {
         // 1. Start requests from what is buffered.
         while conn.closing.borrow().is_none() && !barrier && inflight.len() < max_inflight {
-            let next = match held.take() {
-                Some(frame) => Ok(Some(frame)),
-                None => codec.decode(&mut rbuf),
+            let (next, fresh) = match held.take() {
+                Some(frame) => (Ok(Some(frame)), false),
+                None => (codec.decode(&mut rbuf), true),
             };
             match next {
                 Ok(Some(frame)) => {
                     last_frame = Instant::now();
+                    if fresh && !bucket.take(rate, burst, std::time::Instant::now()) {
+                        Metrics::inc(&ctx.shared.metrics.requests_rate_limited_total);
+                        let h = frame.header;
+                        conn.push_response(
+                            &error_frame(
+                                h.command,
+                                h.seq,
+                                ErrorCode::RateLimited,
+                                "too many requests on this connection: slow down",
+                            ),
+                            &ctx,
+                        );
+                        continue;
+                    }
                     let is_barrier = matches!(
                         Command::from_id(frame.header.command),
                         Some(Command::Login | Command::Logout)
@@ -282,7 +314,8 @@ async fn run(guard: Guard, stream: TcpStream) {
                         FrameError::TooLarge { .. } => (ErrorCode::FrameTooLarge, e.to_string()),
                         _ => (ErrorCode::BadFrame, e.to_string()),
                     };
-                    conn.push_response(&error_frame(0, 0, code, &msg));
+                    Metrics::inc(&ctx.shared.metrics.frame_errors_total);
+                    conn.push_response(&error_frame(0, 0, code, &msg), &ctx);
                     *conn.closing.borrow_mut() = Some(Closing::FrameError);
                     rbuf = BytesMut::new();
                     break;
@@ -300,6 +333,13 @@ async fn run(guard: Guard, stream: TcpStream) {
         if (closing.is_some() || eof) && inflight.is_empty() {
             tracing::debug!(conn = conn.id.0, ?closing, eof, "closing");
             if let Some(Closing::Kick(reason, why)) = closing {
+                let m = &ctx.shared.metrics;
+                Metrics::inc(match reason {
+                    KickReason::SlowConsumer => &m.kicks_slow_consumer_total,
+                    KickReason::LoginTimeout => &m.kicks_login_timeout_total,
+                    KickReason::IdleTimeout => &m.kicks_idle_timeout_total,
+                    _ => &m.kicks_other_total,
+                });
                 let body = KickPush {
                     reason: reason as i32,
                     message: why.to_string(),
@@ -307,11 +347,12 @@ async fn run(guard: Guard, stream: TcpStream) {
                 .encode_to_vec();
                 let frame = mychat_codec::frame_bytes(Header::push(Command::Kick.id()), &body);
                 // Queued after what is pending (a frame may be half written).
-                conn.push_response(&frame);
+                conn.push_response(&frame, &ctx);
             }
             if !eof {
                 let _ =
-                    tokio::time::timeout(Duration::from_secs(2), flush_all(&stream, &conn)).await;
+                    tokio::time::timeout(Duration::from_secs(2), flush_all(&stream, &conn, &ctx))
+                        .await;
             }
             return;
         }
@@ -323,7 +364,7 @@ async fn run(guard: Guard, stream: TcpStream) {
         }
 
         // 3. Write what is pending.
-        if !write_some(&stream, &conn) {
+        if !write_some(&stream, &conn, &ctx) {
             return;
         }
 
@@ -353,7 +394,7 @@ async fn run(guard: Guard, stream: TcpStream) {
         tokio::select! {
             biased;
             Some((frame, was_barrier)) = inflight.next(), if !inflight.is_empty() => {
-                conn.push_response(&frame);
+                conn.push_response(&frame, &ctx);
                 if was_barrier {
                     barrier = false;
                 }
@@ -391,11 +432,14 @@ async fn run(guard: Guard, stream: TcpStream) {
 
 /// Writes as much of the outbound buffer as the socket takes now. False: the socket
 /// failed.
-fn write_some(stream: &TcpStream, conn: &ConnShared) -> bool {
+fn write_some(stream: &TcpStream, conn: &ConnShared, ctx: &ShardCtx) -> bool {
     let mut out = conn.out.borrow_mut();
     while !out.is_empty() {
         match stream.try_write(&out) {
-            Ok(n) => out.advance(n),
+            Ok(n) => {
+                out.advance(n);
+                ctx.out_sub(n);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(_) => return false,
         }
@@ -406,9 +450,9 @@ fn write_some(stream: &TcpStream, conn: &ConnShared) -> bool {
     true
 }
 
-async fn flush_all(stream: &TcpStream, conn: &ConnShared) {
+async fn flush_all(stream: &TcpStream, conn: &ConnShared, ctx: &ShardCtx) {
     loop {
-        if !write_some(stream, conn) || conn.out.borrow().is_empty() {
+        if !write_some(stream, conn, ctx) || conn.out.borrow().is_empty() {
             return;
         }
         if stream.writable().await.is_err() {

@@ -18,6 +18,8 @@
 //! - [`directory`]: user → live sessions, striped locks, read on every delivery.
 //! - [`auth`]: argon2id, signed access tokens, refresh tokens, throttling.
 //! - [`store`]: the `Store` trait and the embedded SQLite backend (group commit).
+//! - [`limits`]: token buckets (per connection, per user) and connections per
+//!   address; [`metrics`]: counters of every limit hit, served to Prometheus.
 //! - [`error`]: every client-visible failure → one PROTOCOL.md code.
 //!
 //! Invariants:
@@ -39,6 +41,8 @@ pub mod dispatch;
 pub mod error;
 pub mod handlers;
 pub mod ids;
+pub mod limits;
+pub mod metrics;
 pub mod presence;
 pub mod router;
 pub mod server;

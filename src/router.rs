@@ -25,6 +25,8 @@ pub async fn dispatch(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, frame: Frame) -> 
     } = frame.header;
     let cmd = Command::from_id(command);
     let barrier = f == 0 && matches!(cmd, Some(Command::Login | Command::Logout));
+    let shared = ctx.shared.clone();
+    let ctx_metrics = &shared.metrics;
     let result = AssertUnwindSafe(route(ctx, conn.clone(), f, cmd, frame.body))
         .catch_unwind()
         .await;
@@ -43,8 +45,15 @@ pub async fn dispatch(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, frame: Frame) -> 
     let frame = match result {
         Ok(body) => mychat_codec::frame_bytes(Header::response(command, seq), &body),
         Err(e) => {
-            if e.code == ErrorCode::Internal {
-                tracing::warn!(conn = conn.id.0, command, "answered INTERNAL");
+            match e.code {
+                ErrorCode::Internal => {
+                    crate::metrics::Metrics::inc(&ctx_metrics.internal_total);
+                    tracing::warn!(conn = conn.id.0, command, "answered INTERNAL");
+                }
+                ErrorCode::Unavailable => {
+                    crate::metrics::Metrics::inc(&ctx_metrics.unavailable_total)
+                }
+                _ => {}
             }
             let body = mychat_proto::Error {
                 code: e.code as u32,

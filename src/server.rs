@@ -10,6 +10,7 @@
 use crate::auth::{PasswordHasherCfg, Throttle, TokenKey};
 use crate::directory::Directory;
 use crate::ids::{ConnId, ShardId};
+use crate::metrics::Metrics;
 use crate::shard::{self, ShardMsg};
 use crate::store::{sqlite::SqliteStore, Store};
 use mychat_config::Config;
@@ -39,9 +40,22 @@ pub struct Shared {
     /// Sessions subscribed to users' presence.
     pub watchers: crate::presence::Watchers,
     pub last_seen: crate::presence::LastSeen,
+    /// Counters of limits hit (and the metrics endpoint's source).
+    pub metrics: crate::metrics::Metrics,
+    /// Connections open per source address (`server.max_connections_per_addr`).
+    pub per_addr: crate::limits::PerAddr,
+    /// SEND_MESSAGE buckets per user (`messages.sends_per_sec`).
+    pub send_buckets: crate::limits::UserBuckets,
 }
 
 impl Shared {
+    /// Gives back the slots an accepted connection held (global, shard, address).
+    pub fn conn_closed(&self, shard: usize, ip: std::net::IpAddr) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.shards[shard].load.fetch_sub(1, Ordering::Relaxed);
+        self.per_addr.release(ip);
+    }
+
     pub fn next_conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
     }
@@ -51,6 +65,8 @@ impl Shared {
 pub struct ShardHandle {
     pub tx: mpsc::Sender<ShardMsg>,
     pub load: AtomicUsize,
+    /// Bytes queued on this shard's connections, unwritten (written by the shard only).
+    pub out_bytes: AtomicUsize,
 }
 
 /// A running server. Dropping it does not stop it: call [`ServerHandle::shutdown`].
@@ -154,6 +170,7 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
         handles.push(ShardHandle {
             tx,
             load: AtomicUsize::new(0),
+            out_bytes: AtomicUsize::new(0),
         });
         inboxes.push(rx);
     }
@@ -172,6 +189,12 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
         shutting_down: AtomicBool::new(false),
         watchers: Default::default(),
         last_seen: Default::default(),
+        metrics: Default::default(),
+        per_addr: Default::default(),
+        send_buckets: crate::limits::UserBuckets::new(
+            cfg.messages.sends_per_sec,
+            cfg.messages.send_burst,
+        ),
         cfg,
     });
     let mut threads = Vec::with_capacity(n + 1);
@@ -200,6 +223,21 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
             .name("mychat-acceptor".into())
             .spawn(move || accept_loop(sh, listener, stop_rx))?,
     );
+    if let Ok(maddr) = shared
+        .cfg
+        .server
+        .metrics_listen
+        .trim()
+        .parse::<SocketAddr>()
+    {
+        let ml = std::net::TcpListener::bind(maddr)
+            .map_err(|e| anyhow::anyhow!("server.metrics_listen: cannot bind {maddr}: {e}"))?;
+        tracing::info!(addr = %ml.local_addr()?, "metrics at /metrics");
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("mychat-metrics".into())
+            .spawn(move || crate::metrics::serve(sh, ml))?;
+    }
     tracing::info!(%addr, shards = n, "mychat listening");
     Ok(ServerHandle {
         addr,
@@ -229,6 +267,7 @@ fn accept_loop(
             }
         };
         let max = shared.cfg.server.max_connections;
+        let per_addr = shared.cfg.server.max_connections_per_addr;
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -245,9 +284,16 @@ fn accept_loop(
             };
             let _ = stream.set_nodelay(true);
             if shared.connections.load(Ordering::Acquire) >= max {
+                Metrics::inc(&shared.metrics.connections_refused_max_total);
                 refuse(stream, "too many connections").await;
                 continue;
             }
+            if !shared.per_addr.acquire(peer.ip(), per_addr) {
+                Metrics::inc(&shared.metrics.connections_refused_addr_total);
+                refuse(stream, "too many connections from this address").await;
+                continue;
+            }
+            Metrics::inc(&shared.metrics.connections_accepted_total);
             shared.connections.fetch_add(1, Ordering::AcqRel);
             let target = shared
                 .shards
@@ -260,8 +306,7 @@ fn accept_loop(
             let std_stream = match stream.into_std() {
                 Ok(s) => s,
                 Err(_) => {
-                    shared.connections.fetch_sub(1, Ordering::AcqRel);
-                    shared.shards[target].load.fetch_sub(1, Ordering::Relaxed);
+                    shared.conn_closed(target, peer.ip());
                     continue;
                 }
             };
@@ -271,8 +316,7 @@ fn accept_loop(
                 .await
                 .is_err()
             {
-                shared.connections.fetch_sub(1, Ordering::AcqRel);
-                shared.shards[target].load.fetch_sub(1, Ordering::Relaxed);
+                shared.conn_closed(target, peer.ip());
                 return;
             }
         }

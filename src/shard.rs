@@ -44,6 +44,8 @@ pub struct ShardCtx {
     /// Presence changes seen on this shard, waiting for the presence task.
     presence_changes: RefCell<Vec<(UserId, Aggregate)>>,
     presence_ready: Notify,
+    /// This shard's share of `server.outbound_total_bytes`.
+    out_budget: usize,
 }
 
 impl ShardCtx {
@@ -98,8 +100,33 @@ impl ShardCtx {
     pub fn push_local(&self, conn: ConnId, frame: Bytes) {
         let c = self.conns.borrow().get(&conn).cloned();
         if let Some(c) = c {
-            c.push(&frame, self.shared.cfg.server.outbound_buffer_bytes);
+            c.push(&frame, self);
         }
+    }
+
+    /// Notes `n` more bytes queued on this shard's connections.
+    pub(crate) fn out_add(&self, n: usize) {
+        let b = &self.shared.shards[self.id.0].out_bytes;
+        // Only this shard's thread writes it: no read-modify-write needed.
+        b.store(b.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+
+    /// Notes `n` queued bytes written or dropped.
+    pub(crate) fn out_sub(&self, n: usize) {
+        let b = &self.shared.shards[self.id.0].out_bytes;
+        b.store(
+            b.load(Ordering::Relaxed).saturating_sub(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether this shard's connections hold more unwritten bytes than its share of
+    /// `server.outbound_total_bytes`.
+    pub(crate) fn out_over_budget(&self) -> bool {
+        self.shared.shards[self.id.0]
+            .out_bytes
+            .load(Ordering::Relaxed)
+            > self.out_budget
     }
 
     /// Kicks a session wherever it lives.
@@ -212,6 +239,7 @@ pub fn run(id: ShardId, shared: Arc<Shared>, mut rx: mpsc::Receiver<ShardMsg>) {
         .expect("shard runtime");
     let local = tokio::task::LocalSet::new();
     let n = shared.shards.len();
+    let shared_budget = shared.cfg.server.outbound_total_bytes / n.max(1);
     let ctx = Rc::new(ShardCtx {
         id,
         shared,
@@ -221,6 +249,7 @@ pub fn run(id: ShardId, shared: Arc<Shared>, mut rx: mpsc::Receiver<ShardMsg>) {
         shutting_down: Cell::new(false),
         presence_changes: RefCell::new(Vec::new()),
         presence_ready: Notify::new(),
+        out_budget: shared_budget,
     });
     local.block_on(&rt, async move {
         tokio::task::spawn_local(flush_outbox(ctx.clone()));
@@ -239,8 +268,7 @@ pub fn run(id: ShardId, shared: Arc<Shared>, mut rx: mpsc::Receiver<ShardMsg>) {
                 match msg {
                     ShardMsg::NewConn(stream, peer) => {
                         if ctx.shutting_down.get() {
-                            ctx.shared.connections.fetch_sub(1, Ordering::AcqRel);
-                            ctx.shared.shards[id.0].load.fetch_sub(1, Ordering::Relaxed);
+                            ctx.shared.conn_closed(id.0, peer.ip());
                             continue;
                         }
                         conn::spawn(ctx.clone(), stream, peer);

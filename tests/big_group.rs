@@ -14,7 +14,12 @@ const MESSAGES: u64 = 5;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_members_get_every_message_once_in_order() {
     // 2,000 registrations from one address pass the default per-address rate.
-    let s = TestServer::start_with(|c| c.auth.registrations_per_addr_per_min = 10_000).await;
+    // 2,000 clients from one address: past the default per-address connection cap.
+    let s = TestServer::start_with(|c| {
+        c.auth.registrations_per_addr_per_min = 10_000;
+        c.server.max_connections_per_addr = 4096;
+    })
+    .await;
     let addr = Arc::new(s.addr.clone());
     // Register and log in 2,000 users.
     let ids = register_many(&addr, "member", N).await;

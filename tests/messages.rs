@@ -162,8 +162,11 @@ async fn send_refusals() {
 
 #[tokio::test]
 async fn concurrent_senders_get_gap_free_ordered_seqs() {
-    let s =
-        TestServer::start_with(|c| c.auth.multi_device = mychat_config::MultiDevice::Multi).await;
+    let s = TestServer::start_with(|c| {
+        c.auth.multi_device = mychat_config::MultiDevice::Multi;
+        common::unlimited(c);
+    })
+    .await;
     s.register("alice").await;
     let bob = s.register("bob").await;
     let (b, _) = s.login("bob", "b", Platform::Desktop).await;
@@ -592,6 +595,7 @@ async fn slow_consumer_is_disconnected_and_loses_nothing() {
         c.server.outbound_buffer_bytes = 16 * 1024;
         c.messages.max_text_len = 4096;
         c.messages.max_payload_len = 1024;
+        common::unlimited(c);
     })
     .await;
     s.register("alice").await;

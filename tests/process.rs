@@ -22,6 +22,11 @@ fn spawn(data: &std::path::Path) -> Proc {
         .env("MYCHAT__AUTH__ARGON2_M_COST_KIB", "64")
         .env("MYCHAT__AUTH__ARGON2_T_COST", "1")
         .env("MYCHAT__SERVER__SHUTDOWN_DEADLINE_MS", "3000")
+        // These tests flood from one user on purpose: lift the rate limits.
+        .env("MYCHAT__MESSAGES__SENDS_PER_SEC", "1000000")
+        .env("MYCHAT__MESSAGES__SEND_BURST", "1000000")
+        .env("MYCHAT__SERVER__REQUESTS_PER_SEC", "1000000")
+        .env("MYCHAT__SERVER__REQUEST_BURST", "1000000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

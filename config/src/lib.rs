@@ -62,6 +62,12 @@ pub struct ServerConfig {
     pub shutdown_deadline_ms: u64,
     pub blocking_threads: usize,
     pub listen_backlog: u32,
+    pub max_connections_per_addr: usize,
+    pub outbound_total_bytes: usize,
+    pub requests_per_sec: u32,
+    pub request_burst: u32,
+    /// Prometheus text metrics over HTTP on this address; empty: off.
+    pub metrics_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +87,11 @@ impl Default for ServerConfig {
             shutdown_deadline_ms: 10_000,
             blocking_threads: 4,
             listen_backlog: 4096,
+            max_connections_per_addr: 1024,
+            outbound_total_bytes: 256 * 1024 * 1024,
+            requests_per_sec: 200,
+            request_burst: 400,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -127,6 +138,29 @@ impl Default for AuthConfig {
     }
 }
 
+/// The optional TLS listener (rustls). Off while `listen` is empty.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the TLS listener; empty: no TLS listener.
+    pub listen: String,
+    /// PEM certificate chain (leaf first).
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+impl TlsConfig {
+    /// The TLS listener's address, when one is configured.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        if self.listen.trim().is_empty() {
+            None
+        } else {
+            self.listen.trim().parse().ok()
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MessagesConfig {
@@ -135,6 +169,8 @@ pub struct MessagesConfig {
     pub max_client_msg_id_len: usize,
     pub recall_window_secs: u64,
     pub max_delete_ids: usize,
+    pub sends_per_sec: u32,
+    pub send_burst: u32,
 }
 
 impl Default for MessagesConfig {
@@ -145,6 +181,8 @@ impl Default for MessagesConfig {
             max_client_msg_id_len: 64,
             recall_window_secs: 120,
             max_delete_ids: 100,
+            sends_per_sec: 50,
+            send_burst: 100,
         }
     }
 }
@@ -297,6 +335,7 @@ impl Default for LogConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub messages: MessagesConfig,
     pub users: UsersConfig,
@@ -308,8 +347,9 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-const SECTIONS: [&str; 10] = [
-    "server", "auth", "messages", "users", "friends", "groups", "presence", "sync", "store", "log",
+const SECTIONS: [&str; 11] = [
+    "server", "tls", "auth", "messages", "users", "friends", "groups", "presence", "sync", "store",
+    "log",
 ];
 
 impl Config {
@@ -464,6 +504,49 @@ impl Config {
         )?;
         range("server.blocking_threads", s.blocking_threads, 1, 512)?;
         range("server.listen_backlog", s.listen_backlog, 1, 65535)?;
+        range(
+            "server.max_connections_per_addr",
+            s.max_connections_per_addr,
+            1,
+            10_000_000,
+        )?;
+        range(
+            "server.outbound_total_bytes",
+            s.outbound_total_bytes,
+            1 << 20,
+            1 << 40,
+        )?;
+        range("server.requests_per_sec", s.requests_per_sec, 1, 10_000_000)?;
+        range("server.request_burst", s.request_burst, 1, 10_000_000)?;
+        if !s.metrics_listen.trim().is_empty()
+            && s.metrics_listen.trim().parse::<SocketAddr>().is_err()
+        {
+            return Err(key_err(
+                "server.metrics_listen",
+                "must be empty or an address like 127.0.0.1:9100",
+            ));
+        }
+        let t = &self.tls;
+        if !t.listen.trim().is_empty() {
+            if t.listen_addr().is_none() {
+                return Err(key_err(
+                    "tls.listen",
+                    "must be empty or an address like 0.0.0.0:7443",
+                ));
+            }
+            if t.cert_file.as_os_str().is_empty() {
+                return Err(key_err(
+                    "tls.cert_file",
+                    "is required when tls.listen is set",
+                ));
+            }
+            if t.key_file.as_os_str().is_empty() {
+                return Err(key_err(
+                    "tls.key_file",
+                    "is required when tls.listen is set",
+                ));
+            }
+        }
         let a = &self.auth;
         range("auth.min_password_len", a.min_password_len, 1, 1024)?;
         range(
@@ -561,6 +644,8 @@ impl Config {
             30 * 86400,
         )?;
         range("messages.max_delete_ids", m.max_delete_ids, 1, 10_000)?;
+        range("messages.sends_per_sec", m.sends_per_sec, 1, 10_000_000)?;
+        range("messages.send_burst", m.send_burst, 1, 10_000_000)?;
         let u = &self.users;
         range("users.max_nickname_len", u.max_nickname_len, 1, 4096)?;
         range("users.max_avatar_len", u.max_avatar_len, 1, 65536)?;

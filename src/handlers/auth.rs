@@ -49,6 +49,7 @@ pub async fn register(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) ->
     check_password(ctx, &req.password)?;
     let key = addr_key(conn);
     if ctx.shared.registrations.hit(&key) > ctx.shared.cfg.auth.registrations_per_addr_per_min {
+        crate::metrics::Metrics::inc(&ctx.shared.metrics.registrations_throttled_total);
         return Err(ApiError::new(
             ErrorCode::RateLimited,
             "too many registrations from this address; try later",
@@ -144,6 +145,7 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
                     .login_failures
                     .blocked(&akey, auth.failed_logins_per_addr)
             {
+                crate::metrics::Metrics::inc(&ctx.shared.metrics.logins_throttled_total);
                 return Err(ApiError::new(
                     ErrorCode::RateLimited,
                     "too many failed logins; try again later",

@@ -61,6 +61,13 @@ pub async fn send(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
     if req.to_user_id == s.user.0 {
         return Err(ApiError::bad_request("cannot send a message to yourself"));
     }
+    if !ctx.shared.send_buckets.take(s.user) {
+        crate::metrics::Metrics::inc(&ctx.shared.metrics.sends_rate_limited_total);
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            "too many messages from this user: slow down",
+        ));
+    }
     let kind = match MessageKind::try_from(req.kind) {
         Ok(MessageKind::KindUnspecified | MessageKind::Text) => MessageKind::Text,
         Ok(MessageKind::Custom) => MessageKind::Custom,

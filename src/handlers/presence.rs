@@ -100,6 +100,7 @@ pub async fn typing(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> A
         ));
     }
     if !conn.take_typing_token(ctx.shared.cfg.presence.typing_per_sec) {
+        crate::metrics::Metrics::inc(&ctx.shared.metrics.typing_rate_limited_total);
         return Err(ApiError::new(
             ErrorCode::RateLimited,
             "too many typing notices; slow down",

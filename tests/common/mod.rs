@@ -12,6 +12,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
+/// Lifts the per-user and per-connection rate limits, for tests that flood on purpose.
+pub fn unlimited(c: &mut Config) {
+    c.messages.sends_per_sec = 1_000_000;
+    c.messages.send_burst = 1_000_000;
+    c.server.requests_per_sec = 1_000_000;
+    c.server.request_burst = 1_000_000;
+}
+
 /// A config for tests: port 0, the given data dir, cheap password hashing.
 pub fn test_config(dir: &std::path::Path) -> Config {
     let mut c = Config::default();
@@ -127,8 +135,12 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(addr: &str) -> Raw {
+        Raw::from_stream(TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn from_stream(s: TcpStream) -> Raw {
         Raw {
-            s: TcpStream::connect(addr).await.unwrap(),
+            s,
             buf: BytesMut::new(),
             codec: FrameCodec::new(u32::MAX),
         }
