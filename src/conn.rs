@@ -204,8 +204,108 @@ impl Drop for Guard {
 
 type Reply = Pin<Box<dyn Future<Output = (Bytes, bool)>>>;
 
+/// A connection's byte stream: the socket, and rustls over it for a TLS connection.
+/// Both are driven the same way: readiness from tokio, then non-blocking reads and
+/// writes until WouldBlock.
+struct Io {
+    stream: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
+}
+
+/// `std::io` over a tokio socket's non-blocking calls (WouldBlock passes through): what
+/// rustls reads TLS records from and writes them to.
+struct SockIo<'a>(&'a TcpStream);
+
+impl std::io::Read for SockIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl std::io::Write for SockIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a read found.
+enum ReadOutcome {
+    Data,
+    WouldBlock,
+    Eof,
+}
+
+impl Io {
+    /// Reads what is available (plaintext, for TLS) into `rbuf`.
+    fn read_into(&mut self, rbuf: &mut BytesMut) -> ReadOutcome {
+        use std::io::{ErrorKind, Read as _};
+        let Some(tls) = self.tls.as_mut() else {
+            if rbuf.capacity() - rbuf.len() < 1024 {
+                rbuf.reserve(4096);
+            }
+            return match self.stream.try_read_buf(rbuf) {
+                Ok(0) => ReadOutcome::Eof,
+                Ok(_) => ReadOutcome::Data,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => ReadOutcome::WouldBlock,
+                Err(_) => ReadOutcome::Eof,
+            };
+        };
+        let mut eof = false;
+        match tls.read_tls(&mut SockIo(&self.stream)) {
+            Ok(0) => eof = true,
+            Ok(_) => {
+                if tls.process_new_packets().is_err() {
+                    // Send the alert rustls prepared, then give up on the peer.
+                    let _ = tls.write_tls(&mut SockIo(&self.stream));
+                    return ReadOutcome::Eof;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return ReadOutcome::WouldBlock,
+            Err(_) => return ReadOutcome::Eof,
+        }
+        let mut got = false;
+        let mut tmp = [0u8; 4096];
+        loop {
+            match tls.reader().read(&mut tmp) {
+                Ok(0) => {
+                    eof = true; // close_notify
+                    break;
+                }
+                Ok(n) => {
+                    rbuf.extend_from_slice(&tmp[..n]);
+                    got = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        // Handshake messages (and anything else rustls owes the peer) go out now.
+        while tls.wants_write() {
+            if tls.write_tls(&mut SockIo(&self.stream)).is_err() {
+                break;
+            }
+        }
+        match (got, eof) {
+            (true, _) => ReadOutcome::Data,
+            (false, true) => ReadOutcome::Eof,
+            (false, false) => ReadOutcome::WouldBlock,
+        }
+    }
+
+    /// Whether bytes wait to be written below the outbound buffer (TLS records).
+    fn wants_write(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+}
+
 /// Takes a socket handed to this shard and starts its task.
-pub fn spawn(ctx: Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
+pub fn spawn(ctx: Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr, tls: bool) {
     let id = ctx.shared.next_conn_id();
     let conn = Rc::new(ConnShared {
         id,
@@ -238,7 +338,18 @@ pub fn spawn(ctx: Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
                 return;
             }
         };
-        run(guard, stream).await;
+        let tls = match (tls, ctx.shared.tls.as_ref()) {
+            (true, Some(cfg)) => match rustls::ServerConnection::new(cfg.clone()) {
+                Ok(c) => Some(Box::new(c)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a TLS session");
+                    drop(guard);
+                    return;
+                }
+            },
+            _ => None,
+        };
+        run(guard, Io { stream, tls }).await;
     });
 }
 
@@ -251,7 +362,7 @@ fn error_frame(command: u16, seq: u32, code: ErrorCode, message: &str) -> Bytes 
     mychat_codec::frame_bytes(Header::error(command, seq), &body)
 }
 
-async fn run(guard: Guard, stream: TcpStream) {
+async fn run(guard: Guard, mut io: Io) {
     let ctx = guard.ctx.clone();
     let conn = guard.conn.clone();
     let cfg = &ctx.shared.cfg.server;
@@ -351,7 +462,7 @@ async fn run(guard: Guard, stream: TcpStream) {
             }
             if !eof {
                 let _ =
-                    tokio::time::timeout(Duration::from_secs(2), flush_all(&stream, &conn, &ctx))
+                    tokio::time::timeout(Duration::from_secs(2), flush_all(&mut io, &conn, &ctx))
                         .await;
             }
             return;
@@ -364,7 +475,7 @@ async fn run(guard: Guard, stream: TcpStream) {
         }
 
         // 3. Write what is pending.
-        if !write_some(&stream, &conn, &ctx) {
+        if !write_some(&mut io, &conn, &ctx) {
             return;
         }
 
@@ -375,7 +486,7 @@ async fn run(guard: Guard, stream: TcpStream) {
             && held.is_none()
             && inflight.len() < max_inflight
             && conn.out.borrow().len() < ctx.shared.cfg.server.outbound_buffer_bytes;
-        let want_write = !conn.out.borrow().is_empty();
+        let want_write = !conn.out.borrow().is_empty() || io.wants_write();
         let interest = match (want_read, want_write) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
             (true, false) => Some(Interest::READABLE),
@@ -399,18 +510,13 @@ async fn run(guard: Guard, stream: TcpStream) {
                     barrier = false;
                 }
             }
-            r = async { stream.ready(interest.unwrap()).await }, if interest.is_some() => {
+            r = async { io.stream.ready(interest.unwrap()).await }, if interest.is_some() => {
                 match r {
                     Ok(ready) => {
                         if ready.is_readable() && want_read {
-                            if rbuf.capacity() - rbuf.len() < 1024 {
-                                rbuf.reserve(4096);
-                            }
-                            match stream.try_read_buf(&mut rbuf) {
-                                Ok(0) => eof = true,
-                                Ok(_) => {}
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                                Err(_) => eof = true,
+                            match io.read_into(&mut rbuf) {
+                                ReadOutcome::Eof => eof = true,
+                                ReadOutcome::Data | ReadOutcome::WouldBlock => {}
                             }
                         }
                     }
@@ -432,16 +538,44 @@ async fn run(guard: Guard, stream: TcpStream) {
 
 /// Writes as much of the outbound buffer as the socket takes now. False: the socket
 /// failed.
-fn write_some(stream: &TcpStream, conn: &ConnShared, ctx: &ShardCtx) -> bool {
+fn write_some(io: &mut Io, conn: &ConnShared, ctx: &ShardCtx) -> bool {
     let mut out = conn.out.borrow_mut();
-    while !out.is_empty() {
-        match stream.try_write(&out) {
-            Ok(n) => {
-                out.advance(n);
-                ctx.out_sub(n);
+    if let Some(tls) = io.tls.as_mut() {
+        use std::io::Write as _;
+        // Plaintext into rustls (it holds at most its buffer limit, 64 KiB), records
+        // out to the socket; what neither takes stays in the outbound buffer.
+        loop {
+            while !out.is_empty() {
+                match tls.writer().write(&out) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        out.advance(n);
+                        ctx.out_sub(n);
+                    }
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return false,
+            let mut progressed = false;
+            while tls.wants_write() {
+                match tls.write_tls(&mut SockIo(&io.stream)) {
+                    Ok(_) => progressed = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => return false,
+                }
+            }
+            if out.is_empty() || tls.wants_write() || !progressed {
+                break;
+            }
+        }
+    } else {
+        while !out.is_empty() {
+            match io.stream.try_write(&out) {
+                Ok(n) => {
+                    out.advance(n);
+                    ctx.out_sub(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return false,
+            }
         }
     }
     if out.is_empty() && out.capacity() > 2048 {
@@ -450,12 +584,15 @@ fn write_some(stream: &TcpStream, conn: &ConnShared, ctx: &ShardCtx) -> bool {
     true
 }
 
-async fn flush_all(stream: &TcpStream, conn: &ConnShared, ctx: &ShardCtx) {
+async fn flush_all(io: &mut Io, conn: &ConnShared, ctx: &ShardCtx) {
+    if let Some(tls) = io.tls.as_mut() {
+        tls.send_close_notify();
+    }
     loop {
-        if !write_some(stream, conn, ctx) || conn.out.borrow().is_empty() {
+        if !write_some(io, conn, ctx) || (conn.out.borrow().is_empty() && !io.wants_write()) {
             return;
         }
-        if stream.writable().await.is_err() {
+        if io.stream.writable().await.is_err() {
             return;
         }
     }

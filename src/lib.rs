@@ -48,6 +48,7 @@ pub mod router;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod tls;
 
 pub use mychat_config::Config;
 pub use server::{start, ServerHandle};

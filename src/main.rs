@@ -44,6 +44,9 @@ fn main() -> anyhow::Result<()> {
 
     let server = mychat::start(cfg).context("starting the server")?;
     println!("mychat listening on {}", server.local_addr());
+    if let Some(t) = server.tls_addr() {
+        println!("mychat listening for TLS on {t}");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

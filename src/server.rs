@@ -46,6 +46,8 @@ pub struct Shared {
     pub per_addr: crate::limits::PerAddr,
     /// SEND_MESSAGE buckets per user (`messages.sends_per_sec`).
     pub send_buckets: crate::limits::UserBuckets,
+    /// The TLS listener's rustls config, when `[tls]` sets one up.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Shared {
@@ -72,6 +74,7 @@ pub struct ShardHandle {
 /// A running server. Dropping it does not stop it: call [`ServerHandle::shutdown`].
 pub struct ServerHandle {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     /// To stop the dispatcher (an empty batch) once the store is flushed.
     dispatch_tx: crossbeam_channel::Sender<Vec<crate::store::Publication>>,
     shared: Arc<Shared>,
@@ -83,6 +86,11 @@ impl ServerHandle {
     /// The address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The TLS listener's address, when `[tls]` configures one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -144,24 +152,23 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
     let dummy_hash = hasher
         .hash("mychat-dummy-password-never-valid")
         .map_err(|e| anyhow::anyhow!(e))?;
-    // Listening here (errors and the port are known at once) with the configured
-    // backlog: std's bind uses 128, and bursts of connects past it are dropped.
-    let bind_err = |e: std::io::Error| {
-        anyhow::anyhow!("server.listen: cannot bind {}: {e}", cfg.server.listen)
-    };
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(cfg.server.listen),
-        socket2::Type::STREAM,
-        None,
-    )
-    .map_err(bind_err)?;
-    sock.set_reuse_address(true).map_err(bind_err)?;
-    sock.bind(&cfg.server.listen.into()).map_err(bind_err)?;
-    sock.listen(cfg.server.listen_backlog as i32)
-        .map_err(bind_err)?;
-    sock.set_nonblocking(true)?;
-    let listener: std::net::TcpListener = sock.into();
+    let listener = bind(
+        "server.listen",
+        cfg.server.listen,
+        cfg.server.listen_backlog,
+    )?;
     let addr = listener.local_addr()?;
+    let (tls, tls_listener) = match cfg.tls.listen_addr() {
+        Some(a) => (
+            Some(crate::tls::server_config(&cfg.tls)?),
+            Some(bind("tls.listen", a, cfg.server.listen_backlog)?),
+        ),
+        None => (None, None),
+    };
+    let tls_addr = match &tls_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let n = cfg.shard_count();
     let mut inboxes = Vec::with_capacity(n);
     let mut handles = Vec::with_capacity(n);
@@ -189,6 +196,7 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
         shutting_down: AtomicBool::new(false),
         watchers: Default::default(),
         last_seen: Default::default(),
+        tls,
         metrics: Default::default(),
         per_addr: Default::default(),
         send_buckets: crate::limits::UserBuckets::new(
@@ -221,8 +229,19 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
     threads.push(
         std::thread::Builder::new()
             .name("mychat-acceptor".into())
-            .spawn(move || accept_loop(sh, listener, stop_rx))?,
+            .spawn({
+                let stop_rx = stop_rx.clone();
+                move || accept_loop(sh, listener, stop_rx, false)
+            })?,
     );
+    if let Some(tl) = tls_listener {
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("mychat-acceptor-tls".into())
+                .spawn(move || accept_loop(sh, tl, stop_rx, true))?,
+        );
+    }
     if let Ok(maddr) = shared
         .cfg
         .server
@@ -238,9 +257,10 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
             .name("mychat-metrics".into())
             .spawn(move || crate::metrics::serve(sh, ml))?;
     }
-    tracing::info!(%addr, shards = n, "mychat listening");
+    tracing::info!(%addr, tls = ?tls_addr, shards = n, "mychat listening");
     Ok(ServerHandle {
         addr,
+        tls_addr,
         dispatch_tx,
         shared,
         stop_accept: stop_tx,
@@ -248,11 +268,30 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
     })
 }
 
-/// Accepts connections and hands each to the shard holding the fewest.
+/// Binds a listener with the configured backlog (std's bind uses 128, and bursts of
+/// connects past it are dropped); errors name the config key.
+fn bind(key: &str, at: SocketAddr, backlog: u32) -> anyhow::Result<std::net::TcpListener> {
+    let bind_err = |e: std::io::Error| anyhow::anyhow!("{key}: cannot bind {at}: {e}");
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(at),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(bind_err)?;
+    sock.set_reuse_address(true).map_err(bind_err)?;
+    sock.bind(&at.into()).map_err(bind_err)?;
+    sock.listen(backlog as i32).map_err(bind_err)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Accepts connections and hands each to the shard holding the fewest (`tls`: they
+/// came to the TLS listener).
 fn accept_loop(
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
     mut stop: watch::Receiver<bool>,
+    tls: bool,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -312,7 +351,7 @@ fn accept_loop(
             };
             if shared.shards[target]
                 .tx
-                .send(ShardMsg::NewConn(std_stream, peer))
+                .send(ShardMsg::NewConn(std_stream, peer, tls))
                 .await
                 .is_err()
             {

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, Notify};
 
 /// What other threads send a shard.
 pub enum ShardMsg {
-    /// A freshly accepted socket placed on this shard.
-    NewConn(std::net::TcpStream, std::net::SocketAddr),
+    /// A freshly accepted socket placed on this shard (true: from the TLS listener).
+    NewConn(std::net::TcpStream, std::net::SocketAddr, bool),
     /// Encoded frames for connections of this shard.
     Deliver(Vec<(ConnId, Bytes)>),
     /// Close a connection with a KICK push.
@@ -266,12 +266,12 @@ pub fn run(id: ShardId, shared: Arc<Shared>, mut rx: mpsc::Receiver<ShardMsg>) {
             }
             for msg in buf.drain(..) {
                 match msg {
-                    ShardMsg::NewConn(stream, peer) => {
+                    ShardMsg::NewConn(stream, peer, tls) => {
                         if ctx.shutting_down.get() {
                             ctx.shared.conn_closed(id.0, peer.ip());
                             continue;
                         }
-                        conn::spawn(ctx.clone(), stream, peer);
+                        conn::spawn(ctx.clone(), stream, peer, tls);
                     }
                     ShardMsg::Deliver(items) => {
                         for (c, frame) in items {

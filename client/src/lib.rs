@@ -145,7 +145,52 @@ pub struct ConnectOptions {
     pub request_timeout: Duration,
     /// Pushes buffered before the reader waits for the application.
     pub push_buffer: usize,
+    /// Speak TLS (to the server's `tls.listen`); None: plain TCP.
+    pub tls: Option<TlsOptions>,
 }
+
+/// How to reach a server's TLS listener.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// PEM file of the certificate authorities to trust. None: the system's bundle
+    /// (`$SSL_CERT_FILE`, else /etc/ssl/certs/ca-certificates.crt).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The name the certificate must carry. None: the host part of the address.
+    pub server_name: Option<String>,
+}
+
+impl TlsOptions {
+    fn connector(&self) -> Result<tokio_rustls::TlsConnector, ClientError> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::CertificateDer;
+        let path = match &self.ca_file {
+            Some(p) => p.clone(),
+            None => std::env::var_os("SSL_CERT_FILE")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into()),
+        };
+        let tls_err = |m: String| ClientError::Io(format!("tls: {m}"));
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(&path)
+            .map_err(|e| tls_err(format!("{}: {e}", path.display())))?;
+        for c in certs {
+            let c = c.map_err(|e| tls_err(format!("{}: {e}", path.display())))?;
+            roots
+                .add(c)
+                .map_err(|e| tls_err(format!("{}: {e}", path.display())))?;
+        }
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let cfg = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_err(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    }
+}
+
+type BoxRead = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
 impl Default for ConnectOptions {
     fn default() -> Self {
@@ -154,6 +199,7 @@ impl Default for ConnectOptions {
             heartbeat: Some(Duration::from_secs(30)),
             request_timeout: Duration::from_secs(30),
             push_buffer: 4096,
+            tls: None,
         }
     }
 }
@@ -186,7 +232,27 @@ impl Client {
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
+        let (r, w): (BoxRead, BoxWrite) = match &opts.tls {
+            None => {
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Some(t) => {
+                let host = t.server_name.clone().unwrap_or_else(|| {
+                    let h = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+                    h.trim_start_matches('[').trim_end_matches(']').to_string()
+                });
+                let name = rustls_pki_types::ServerName::try_from(host)
+                    .map_err(|e| ClientError::Io(format!("tls: server name: {e}")))?;
+                let s = t
+                    .connector()?
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| ClientError::Io(format!("tls: {e}")))?;
+                let (r, w) = tokio::io::split(s);
+                (Box::new(r), Box::new(w))
+            }
+        };
         let (out_tx, mut out_rx) = mpsc::channel::<Frame>(1024);
         let (push_tx, push_rx) = mpsc::channel(opts.push_buffer);
         let pending: Pending = Arc::new(waiters::Map::new());

@@ -22,6 +22,7 @@ use prost::Message as _;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -53,6 +54,17 @@ pub struct Stats {
     pub acked_window: AtomicU64,
     pub delivered_window: AtomicU64,
     pub errors: Mutex<BTreeMap<String, u64>>,
+    /// KICK pushes received, by reason (scenarios that reconnect).
+    pub kicks: Mutex<BTreeMap<String, u64>>,
+    /// Connections lost without a KICK (scenarios that reconnect), by cause.
+    pub disconnects: Mutex<BTreeMap<String, u64>>,
+    pub reconnects: AtomicU64,
+    /// Messages a device got by re-syncing after a reconnect.
+    pub synced: AtomicU64,
+    /// Devices that stopped reading (faults.stall_share).
+    pub stalls: AtomicU64,
+    /// Traffic and drain are over: devices stop reconnecting.
+    pub stopping: AtomicBool,
     pub hist: Mutex<Option<Histogram<u64>>>,
     pub rolling: Mutex<Option<Histogram<u64>>>,
     /// NATS closed loop: message number → its window slot, freed at first delivery.
@@ -68,6 +80,9 @@ impl Stats {
     }
     pub fn error(&self, name: String) {
         *self.errors.lock().entry(name).or_default() += 1;
+    }
+    pub fn disconnect(&self, name: String) {
+        *self.disconnects.lock().entry(name).or_default() += 1;
     }
     fn latency(&self, us: u64) {
         let us = us.max(1);
@@ -111,6 +126,8 @@ pub struct Plan {
     pub worker: usize,
     pub procs: usize,
     pub state: Arc<State>,
+    /// `--ack-log`: one line per acknowledged message, appended as acks arrive.
+    pub ack_log: Option<Mutex<std::fs::File>>,
 }
 
 /// A message text: send time (µs, 20 digits), a tag (16 hex digits: the NATS baseline's
@@ -191,6 +208,40 @@ pub async fn connect_all(
     Ok(live)
 }
 
+/// How one connection of a device ended.
+enum Ended {
+    /// The server closed it (after a KICK or not) or it failed.
+    Lost,
+    /// The pacer is done with this device (its channel closed) and nothing is pending.
+    Done,
+}
+
+/// What a device has received: the last seq per conversation, and the messages its
+/// latest re-sync returned (a push of one of them may still follow).
+#[derive(Default)]
+struct Seen {
+    last_seq: HashMap<u64, u64>,
+    synced: std::collections::HashSet<(u64, u64)>,
+}
+
+/// What a device keeps across its connections.
+struct DevState {
+    ready: Option<tokio::sync::oneshot::Sender<bool>>,
+    gate: Option<OwnedSemaphorePermit>,
+    counter: u64,
+    /// What this device has received (verification).
+    seen: Seen,
+    /// Highest pts seen: where a re-sync starts after a reconnect.
+    last_pts: u64,
+    /// Stop reading at this time, for `stall_secs` (a stalled device).
+    stall_at: Option<Instant>,
+    open: bool,
+}
+
+/// A device: connects, logs in by token, sends what the pacer hands it, verifies what
+/// it receives. With `faults.reconnect`, a lost connection is reopened (backing off
+/// while the server is down) and the device re-syncs from the last pts it saw, so a
+/// slow consumer cut by the server, or a server killed and restarted, loses nothing.
 #[allow(clippy::too_many_arguments)]
 async fn mychat_device(
     plan: Arc<Plan>,
@@ -204,17 +255,84 @@ async fn mychat_device(
     gate: OwnedSemaphorePermit,
     run_id: u64,
 ) -> anyhow::Result<()> {
-    let s = &plan.scenario;
-    let dev = &plan.state.users[user].devices[d];
-    let mut stream = match connect(addr, src).await {
-        Ok(st) => st,
-        Err(e) => {
-            stats.error(format!("connect: {}", e.kind()));
-            let _ = ready.send(false);
+    let f = &plan.scenario.faults;
+    let stalled = plan.scenario.is_stalled(user);
+    let mut st = DevState {
+        ready: Some(ready),
+        gate: Some(gate),
+        counter: 0,
+        seen: Seen::default(),
+        last_pts: 0,
+        stall_at: stalled.then(|| Instant::now() + Duration::from_secs(f.stall_after_secs)),
+        open: true,
+    };
+    let mut first = true;
+    loop {
+        let stream = match connect(addr, src).await {
+            Ok(s) => s,
+            Err(e) => {
+                if first || !f.reconnect {
+                    stats.error(format!("connect: {}", e.kind()));
+                    if let Some(r) = st.ready.take() {
+                        let _ = r.send(false);
+                    }
+                    return Ok(());
+                }
+                // The server is down (killed, restarting): try again shortly.
+                if !st.open && rx.is_closed() && stats.stopping.load(Relaxed) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if stalled {
+            // A small receive window: the server's queue, not the kernel, fills up.
+            let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(256 * 1024);
+        }
+        if first {
+            stats.connections.fetch_add(1, Relaxed);
+        } else {
+            stats.reconnects.fetch_add(1, Relaxed);
+        }
+        let r = device_conn(
+            &plan, &stats, stream, user, d, &mut rx, &mut st, run_id, first,
+        )
+        .await;
+        first = false;
+        let again = f.reconnect && st.ready.is_none();
+        match r {
+            Ok(Ended::Done) => return Ok(()),
+            Ok(Ended::Lost) if !again => return Ok(()),
+            Err(e) if !again => return Err(e),
+            Err(e) => stats.disconnect(format!("i/o: {}", e.root_cause())),
+            Ok(Ended::Lost) => {}
+        }
+        if stats.stopping.load(Relaxed) && !st.open {
             return Ok(());
         }
-    };
-    stats.connections.fetch_add(1, Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One connection of a device, until it is lost or the device is done.
+#[allow(clippy::too_many_arguments)]
+async fn device_conn(
+    plan: &Arc<Plan>,
+    stats: &Arc<Stats>,
+    mut stream: tokio::net::TcpStream,
+    user: usize,
+    d: usize,
+    rx: &mut mpsc::Receiver<Cmd>,
+    st: &mut DevState,
+    run_id: u64,
+    first: bool,
+) -> anyhow::Result<Ended> {
+    let s = &plan.scenario;
+    let reconnect = s.faults.reconnect;
+    let dev = &plan.state.users[user].devices[d];
+    let username = &plan.state.users[user].name;
+    let my_id = plan.state.users[user].id;
     let mut codec = FrameCodec::new(u32::MAX);
     let mut rbuf = BytesMut::with_capacity(4096);
     let mut wbuf = BytesMut::with_capacity(256);
@@ -230,42 +348,64 @@ async fn mychat_device(
     );
     stream.write_all(&wbuf).await?;
     wbuf.clear();
-    let mut ready = Some(ready);
-    let mut gate = Some(gate);
+    let mut logged_in = false;
     let mut seq: u32 = 1;
-    let mut counter: u64 = 0;
-    let mut pending: HashMap<u32, (u64, Option<OwnedSemaphorePermit>)> = HashMap::new();
-    let mut last_seq: HashMap<u64, u64> = HashMap::new();
-    let mut open = true;
+    // Requests in flight: seq → (deliveries expected, window slot, client id).
+    let mut pending: HashMap<u32, (u64, Option<OwnedSemaphorePermit>, String)> = HashMap::new();
+    // A re-sync in flight (its request seq).
+    let mut syncing: Option<u32> = None;
     // A heartbeat well inside the server's idle timeout keeps idle devices connected.
     let mut beat = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs(20),
         Duration::from_secs(20),
     );
+    let mut kicked = false;
+    // Pushes that arrive while a re-sync is in flight: counted after it, in order.
+    let mut held: Vec<mychat_proto::Message> = Vec::new();
     loop {
+        if let Some(at) = st.stall_at {
+            if Instant::now() >= at && logged_in {
+                // Stop reading (and sending) for a while: the server sees a reader that
+                // stalled with a full socket.
+                st.stall_at = None;
+                stats.stalls.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_secs(s.faults.stall_secs)).await;
+            }
+        }
+        if !st.open && pending.is_empty() && syncing.is_none() && logged_in {
+            return Ok(Ended::Done);
+        }
+        let stall_wait = async {
+            match st.stall_at {
+                Some(at) if logged_in => tokio::time::sleep_until(at.into()).await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = stall_wait => {}
             _ = beat.tick() => {
                 mychat_codec::encode_frame(Header::request(Command::Heartbeat.id(), 0), &[], &mut wbuf);
                 stream.write_all(&wbuf).await?;
                 wbuf.clear();
             }
-            cmd = rx.recv(), if open && ready.is_none() => {
-                let Some(cmd) = cmd else { open = false; continue };
+            cmd = rx.recv(), if st.open && logged_in && syncing.is_none() => {
+                let Some(cmd) = cmd else { st.open = false; continue };
                 // This one and whatever else is queued for this device: one write.
                 let mut next = Some(cmd);
                 while let Some(c) = next.take() {
                     seq = seq.wrapping_add(1).max(2);
-                    counter += 1;
+                    st.counter += 1;
+                    let client_msg_id = format!("{run_id:x}-{}-{}", dev.device, st.counter);
                     let req = SendMessageRequest {
                         to_user_id: c.to_user,
                         group_id: c.group,
-                        client_msg_id: format!("{run_id:x}-{}-{counter}", dev.device),
+                        client_msg_id: client_msg_id.clone(),
                         kind: MessageKind::Text as i32,
                         text: text_for(s.traffic.message_size, 0),
                         payload: Default::default(),
                     };
                     mychat_codec::encode_frame(Header::request(Command::SendMessage.id(), seq), &req.encode_to_vec(), &mut wbuf);
-                    pending.insert(seq, (c.expected, c.permit));
+                    pending.insert(seq, (c.expected, c.permit, client_msg_id));
                     stats.sent.fetch_add(1, Relaxed);
                     next = rx.try_recv().ok();
                 }
@@ -274,9 +414,15 @@ async fn mychat_device(
             }
             r = stream.read_buf(&mut rbuf) => {
                 if r? == 0 {
-                    stats.error("closed by server".into());
-                    return Ok(());
+                    // Unanswered sends: not acked, so not expected anywhere.
+                    if !reconnect {
+                        stats.error("closed by server".into());
+                    } else if !kicked {
+                        stats.disconnect("closed by server".into());
+                    }
+                    return Ok(Ended::Lost);
                 }
+                let mut acks = String::new();
                 while let Some(f) = codec.decode(&mut rbuf)? {
                     let h = f.header;
                     if h.is_response() {
@@ -284,15 +430,63 @@ async fn mychat_device(
                             if h.is_error() {
                                 let e = mychat_proto::Error::decode(f.body)?;
                                 stats.error(format!("login {}", code_name(e.code)));
-                                if let Some(r) = ready.take() { let _ = r.send(false); }
-                                return Ok(());
+                                if let Some(r) = st.ready.take() { let _ = r.send(false); }
+                                return Ok(Ended::Lost);
                             }
-                            stats.logins.fetch_add(1, Relaxed);
-                            gate.take();
-                            if let Some(r) = ready.take() { let _ = r.send(true); }
+                            logged_in = true;
+                            if first {
+                                stats.logins.fetch_add(1, Relaxed);
+                            }
+                            st.gate.take();
+                            if let Some(r) = st.ready.take() { let _ = r.send(true); }
+                            if !first {
+                                // Catch up on what was pushed while away.
+                                seq = seq.wrapping_add(1).max(2);
+                                syncing = Some(seq);
+                                st.seen.synced.clear();
+                                let req = SyncRequest { since_pts: Some(st.last_pts), limit: 0 };
+                                mychat_codec::encode_frame(Header::request(Command::Sync.id(), seq), &req.encode_to_vec(), &mut wbuf);
+                            }
                             continue;
                         }
-                        let Some((expected, permit)) = pending.remove(&h.seq) else { continue };
+                        if Some(h.seq) == syncing && h.command == Command::Sync.id() {
+                            if h.is_error() {
+                                let e = mychat_proto::Error::decode(f.body)?;
+                                stats.error(format!("sync {}", code_name(e.code)));
+                                syncing = None;
+                                for m in held.drain(..) {
+                                    receive(stats, &mut st.seen, &m, false);
+                                }
+                                continue;
+                            }
+                            let p = SyncResponse::decode(f.body)?;
+                            for u in p.updates {
+                                if let Some(update::Event::Message(m)) = u.event {
+                                    if m.sender_id == my_id && s.devices_per_user == 1 {
+                                        continue; // this device's own sends
+                                    }
+                                    if receive(stats, &mut st.seen, &m, true) {
+                                        stats.synced.fetch_add(1, Relaxed);
+                                    }
+                                }
+                            }
+                            st.last_pts = st.last_pts.max(p.pts);
+                            if !p.has_more {
+                                for m in held.drain(..) {
+                                    receive(stats, &mut st.seen, &m, true);
+                                }
+                            }
+                            if p.has_more {
+                                seq = seq.wrapping_add(1).max(2);
+                                syncing = Some(seq);
+                                let req = SyncRequest { since_pts: Some(st.last_pts), limit: 0 };
+                                mychat_codec::encode_frame(Header::request(Command::Sync.id(), seq), &req.encode_to_vec(), &mut wbuf);
+                            } else {
+                                syncing = None;
+                            }
+                            continue;
+                        }
+                        let Some((expected, permit, client_msg_id)) = pending.remove(&h.seq) else { continue };
                         drop(permit);
                         if h.is_error() {
                             let e = mychat_proto::Error::decode(f.body)?;
@@ -303,33 +497,45 @@ async fn mychat_device(
                             if stats.measuring.load(Relaxed) {
                                 stats.acked_window.fetch_add(1, Relaxed);
                             }
+                            if plan.ack_log.is_some() {
+                                let a = SendMessageResponse::decode(f.body)?;
+                                st.last_pts = st.last_pts.max(a.pts);
+                                use std::fmt::Write as _;
+                                let _ = writeln!(acks, "{username}\t{}\t{}\t{}\t{client_msg_id}", a.conversation_id, a.seq, a.message_id);
+                            }
                         }
                     } else if h.is_push() && h.command == Command::MessagePush.id() {
                         let p = MessagePush::decode(f.body)?;
+                        st.last_pts = st.last_pts.max(p.pts);
                         let Some(m) = p.message else { continue };
-                        if m.kind != MessageKind::Text as i32 {
-                            continue; // notices of the setup
+                        if syncing.is_some() {
+                            held.push(m);
+                        } else {
+                            receive(stats, &mut st.seen, &m, false);
                         }
-                        let Some(sent) = parse_sent(m.text.as_bytes()) else { continue };
-                        let last = last_seq.entry(m.conversation_id).or_insert(0);
-                        if m.seq == *last {
-                            stats.duplicated.fetch_add(1, Relaxed);
-                            continue;
-                        }
-                        if m.seq < *last {
-                            stats.out_of_order.fetch_add(1, Relaxed);
-                            continue;
-                        }
-                        *last = m.seq;
-                        stats.delivered.fetch_add(1, Relaxed);
-                        if stats.measuring.load(Relaxed) {
-                            stats.delivered_window.fetch_add(1, Relaxed);
-                        }
-                        stats.latency(now_us().saturating_sub(sent));
                     } else if h.is_push() && h.command == Command::Kick.id() {
                         let k = KickPush::decode(f.body)?;
-                        stats.error(format!("kicked: {}", k.message));
+                        if reconnect {
+                            kicked = true;
+                            let reason = KickReason::try_from(k.reason)
+                                .map(|r| r.as_str_name().to_string())
+                                .unwrap_or_else(|_| k.reason.to_string());
+                            *stats.kicks.lock().entry(reason).or_default() += 1;
+                        } else {
+                            stats.error(format!("kicked: {}", k.message));
+                        }
                     }
+                }
+                if !acks.is_empty() {
+                    if let Some(log) = &plan.ack_log {
+                        let mut w = log.lock();
+                        w.write_all(acks.as_bytes())?;
+                        w.flush()?;
+                    }
+                }
+                if !wbuf.is_empty() {
+                    stream.write_all(&wbuf).await?;
+                    wbuf.clear();
                 }
                 if rbuf.capacity() > 1 << 20 && rbuf.is_empty() {
                     rbuf = BytesMut::with_capacity(4096);
@@ -337,6 +543,44 @@ async fn mychat_device(
             }
         }
     }
+}
+
+/// Counts one received message (push or sync) against the verification: true when it
+/// was new. A re-sync may return what a push already brought (`from_sync`): that is
+/// not a duplicate.
+fn receive(stats: &Stats, st: &mut Seen, m: &mychat_proto::Message, from_sync: bool) -> bool {
+    if m.kind != MessageKind::Text as i32 {
+        return false; // notices of the setup
+    }
+    let Some(sent) = parse_sent(m.text.as_bytes()) else {
+        return false;
+    };
+    let last = st.last_seq.entry(m.conversation_id).or_insert(0);
+    if m.seq <= *last {
+        // A push of a message a re-sync already returned (its push was still on the
+        // way when the sync read the store) is an overlap, not a duplicate.
+        let overlap = st.synced.remove(&(m.conversation_id, m.seq));
+        if !from_sync && !overlap {
+            if m.seq == *last {
+                stats.duplicated.fetch_add(1, Relaxed);
+            } else {
+                stats.out_of_order.fetch_add(1, Relaxed);
+            }
+        }
+        return false;
+    }
+    *last = m.seq;
+    if from_sync {
+        st.synced.insert((m.conversation_id, m.seq));
+    }
+    stats.delivered.fetch_add(1, Relaxed);
+    if stats.measuring.load(Relaxed) {
+        stats.delivered_window.fetch_add(1, Relaxed);
+    }
+    if !from_sync {
+        stats.latency(now_us().saturating_sub(sent));
+    }
+    true
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -473,6 +717,15 @@ pub async fn pace(
         }
     }
     let nats = matches!(plan.target, Target::Nats(_));
+    let stalled: Vec<usize> = (0..s.users).filter(|u| s.is_stalled(*u)).collect();
+    let to_stalled = s.faults.to_stalled_share;
+    // Stalled users' devices do not send (they stop reading and writing).
+    let senders: Vec<usize> = (0..devices.len())
+        .filter(|i| !s.is_stalled(devices[*i].user))
+        .collect();
+    if senders.is_empty() {
+        return;
+    }
     let make = |dev: &Device, rng: &mut rand::rngs::SmallRng| -> Cmd {
         let u = dev.user;
         let groups = &user_groups[u];
@@ -488,7 +741,11 @@ pub async fn pace(
                 permit: None,
             }
         } else {
-            let v = (u + 1 + rng.random_range(0..s.users - 1)) % s.users;
+            let v = if !stalled.is_empty() && rng.random::<f64>() < to_stalled {
+                stalled[rng.random_range(0..stalled.len())]
+            } else {
+                (u + 1 + rng.random_range(0..s.users - 1)) % s.users
+            };
             // MyChat: the recipient's devices and the sender's other devices.
             let expected = if nats {
                 per_user
@@ -518,7 +775,7 @@ pub async fn pace(
                 while done < due {
                     let mut tries = 0;
                     loop {
-                        let dev = &devices[next % devices.len()];
+                        let dev = &devices[senders[next % senders.len()]];
                         next += 1;
                         let cmd = make(dev, &mut rng);
                         match dev.tx.try_send(cmd) {
@@ -546,7 +803,7 @@ pub async fn pace(
                     continue;
                 };
                 let permit = permit.expect("semaphore open");
-                let dev = &devices[next % devices.len()];
+                let dev = &devices[senders[next % senders.len()]];
                 next += 1;
                 let mut cmd = make(dev, &mut rng);
                 cmd.permit = Some(permit);
@@ -575,6 +832,16 @@ pub struct Partial {
     pub delivered_window: u64,
     pub window_secs: f64,
     pub errors: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub kicks: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub disconnects: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub reconnects: u64,
+    #[serde(default)]
+    pub synced: u64,
+    #[serde(default)]
+    pub stalls: u64,
     pub cpu_us: u64,
     /// The latency histogram (µs), V2-serialized, base64.
     pub hist: String,

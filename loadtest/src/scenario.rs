@@ -22,6 +22,14 @@
 //! warmup_secs = 1             # traffic before measuring
 //! duration_secs = 10          # measured traffic
 //! drain_secs = 10             # after traffic: wait at most this long for deliveries
+//!
+//! [faults]
+//! stall_share = 0.0           # share of users whose devices stop reading (and sending)
+//! stall_after_secs = 2        # … this long after login …
+//! stall_secs = 10             # … for this long
+//! to_stalled_share = 0.0      # share of 1:1 messages sent to stalled users
+//! reconnect = false           # reconnect + re-sync when the server closes a connection
+//! check_deliveries = true     # undelivered messages ("lost") fail the run
 //! ```
 
 use serde::Deserialize;
@@ -44,6 +52,42 @@ pub struct Scenario {
     pub idle_secs: u64,
     #[serde(default)]
     pub traffic: Traffic,
+    #[serde(default)]
+    pub faults: Faults,
+}
+
+/// Faults a scenario injects, and how devices ride them out.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Share of users (the first ones) whose devices stop reading and sending.
+    pub stall_share: f64,
+    /// Seconds after login before they stop …
+    pub stall_after_secs: u64,
+    /// … and for how long.
+    pub stall_secs: u64,
+    /// Share of 1:1 messages addressed to stalled users (to flood them).
+    pub to_stalled_share: f64,
+    /// A device whose connection is closed or fails reconnects (retrying while the
+    /// server is down) and re-syncs from the last pts it saw; KICKs and lost
+    /// connections are then reported, not errors.
+    pub reconnect: bool,
+    /// Whether undelivered messages fail the run. `durability.toml` turns it off: the
+    /// server is meant to die under it, and `verify` checks the acks instead.
+    pub check_deliveries: bool,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            stall_share: 0.0,
+            stall_after_secs: 2,
+            stall_secs: 10,
+            to_stalled_share: 0.0,
+            reconnect: false,
+            check_deliveries: true,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -141,7 +185,29 @@ impl Scenario {
             t.mode != Mode::Open || t.rate > 0,
             "traffic.rate: at least 1"
         );
+        let f = &self.faults;
+        anyhow::ensure!(
+            (0.0..1.0).contains(&f.stall_share),
+            "faults.stall_share: 0.0 up to (not including) 1.0"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&f.to_stalled_share),
+            "faults.to_stalled_share: 0.0 to 1.0"
+        );
+        anyhow::ensure!(
+            f.stall_share == 0.0 || f.reconnect,
+            "faults.stall_share needs faults.reconnect = true (the server cuts stalled readers)"
+        );
+        anyhow::ensure!(
+            !f.reconnect || (t.direct_share >= 1.0 && self.devices_per_user == 1),
+            "faults.reconnect: re-sync is verified for 1:1 traffic with one device per user"
+        );
         Ok(())
+    }
+
+    /// Whether user `u` is one of the stalled ones.
+    pub fn is_stalled(&self, u: usize) -> bool {
+        (u as f64) < (self.users as f64 * self.faults.stall_share).ceil()
     }
 
     /// Members (user indexes) of group `g`: `group_size` consecutive users, wrapping.

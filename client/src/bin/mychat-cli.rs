@@ -8,7 +8,9 @@
 //! where the last run stopped.
 use clap::{Parser, Subcommand};
 use mychat_client::proto as pb;
-use mychat_client::{Client, ClientError, ConnectOptions, Event, Session, SessionOptions};
+use mychat_client::{
+    Client, ClientError, ConnectOptions, Event, Session, SessionOptions, TlsOptions,
+};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,6 +42,17 @@ struct Cli {
     /// Print results as JSON, one object per line.
     #[arg(long, global = true)]
     json: bool,
+    /// Connect with TLS (to the server's tls.listen address).
+    #[arg(long, global = true, env = "MYCHAT_TLS")]
+    tls: bool,
+    /// PEM file of the CA that signed the server's certificate (with --tls; default:
+    /// the system's bundle).
+    #[arg(long, global = true, env = "MYCHAT_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry (with --tls; default: the host of
+    /// --server).
+    #[arg(long, global = true)]
+    tls_name: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -350,8 +363,18 @@ impl Cli {
         })
     }
 
+    fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            tls: (self.tls || self.ca_file.is_some()).then(|| TlsOptions {
+                ca_file: self.ca_file.clone(),
+                server_name: self.tls_name.clone(),
+            }),
+            ..ConnectOptions::default()
+        }
+    }
+
     async fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(&self.server).await
+        Client::connect_with(&self.server, self.connect_options()).await
     }
 
     async fn logged_in(&self) -> anyhow::Result<(Client, u64)> {
@@ -401,7 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 password: l.password,
                 device_id: l.device,
                 platform: l.platform,
-                connect: ConnectOptions::default(),
+                connect: cli.connect_options(),
                 reconnect_for: Duration::from_secs(3600),
                 group_cursors: load_group_cursors(&key),
             })
@@ -488,7 +511,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 password: l.password,
                 device_id: l.device,
                 platform: l.platform,
-                connect: ConnectOptions::default(),
+                connect: cli.connect_options(),
                 reconnect_for: Duration::from_secs(3600),
                 group_cursors: load_group_cursors(&format!("{}@{}", l.user, cli.platform)),
             })
