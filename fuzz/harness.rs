@@ -193,7 +193,6 @@ impl Harness {
                     &RegisterRequest {
                         username: name.into(),
                         password: format!("password-{name}"),
-                        ..Default::default()
                     },
                 )
                 .await
