@@ -16,9 +16,14 @@ struct Proc {
 }
 
 fn spawn(data: &std::path::Path) -> Proc {
+    spawn_with(data, &[])
+}
+
+fn spawn_with(data: &std::path::Path, env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mychat"))
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
+        .envs(env.iter().copied())
         .env("MYCHAT__AUTH__ARGON2_M_COST_KIB", "64")
         .env("MYCHAT__AUTH__ARGON2_T_COST", "1")
         .env("MYCHAT__SERVER__SHUTDOWN_DEADLINE_MS", "3000")
@@ -218,4 +223,40 @@ fn invalid_config_names_the_key() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server.listen_addr"), "{err}");
+}
+
+/// The binary as the README starts it, with `login_timeout` set to 2 s through the
+/// environment: a connection that never logs in gets a LOGIN_TIMEOUT kick and is
+/// closed at about 2 s, not before.
+#[tokio::test]
+async fn login_timeout_from_the_environment_closes_idle_connections() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn_with(dir.path(), &[("MYCHAT__SERVER__LOGIN_TIMEOUT_MS", "2000")]);
+    let mut s = tokio::net::TcpStream::connect(&p.addr).await.unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("closed within 10 s")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(1900), "closed after {waited:?}");
+    let mut codec = mychat_codec::FrameCodec::new(u32::MAX);
+    let mut b = bytes::BytesMut::from(&got[..]);
+    use tokio_util::codec::Decoder as _;
+    let f = codec.decode(&mut b).unwrap().expect("a KICK frame before the close");
+    assert_eq!(f.header.command, pb::Command::Kick.id());
+    use prost::Message as _;
+    let k = pb::KickPush::decode(f.body).unwrap();
+    assert_eq!(k.reason, pb::KickReason::LoginTimeout as i32);
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
 }

@@ -361,3 +361,86 @@ fn social_tour() {
     run(&alice, &["friend", "remove", "bob"]);
     assert_eq!(run(&alice, &["friends", "--json"]), "");
 }
+
+/// `--tls --ca-file`: the CLI talks to the server's TLS listener (a CA and a server
+/// certificate generated here); without the CA it fails with a TLS error.
+#[test]
+fn cli_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let pki = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let p = |f: &str| pki.path().join(f);
+    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(p("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(p("key.pem"), key.serialize_pem()).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = mychat_config::Config::default();
+    cfg.server.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.data_dir = data.path().to_path_buf();
+    cfg.auth.argon2_m_cost_kib = 64;
+    cfg.auth.argon2_t_cost = 1;
+    cfg.tls.listen = "127.0.0.1:0".into();
+    cfg.tls.cert_file = p("cert.pem");
+    cfg.tls.key_file = p("key.pem");
+    let h = mychat::start(cfg).unwrap();
+    let env = Env {
+        addr: h.tls_addr().unwrap().to_string(),
+        home: tempfile::tempdir().unwrap(),
+        _server: h,
+        _data: data,
+    };
+    let ca_file = p("ca.pem");
+    let ca_file = ca_file.to_str().unwrap();
+    let tls = ["--tls", "--ca-file", ca_file, "--tls-name", "localhost"];
+    let reg = |u: &str| {
+        let mut a = tls.to_vec();
+        a.extend(["--json", "register", u, "password-x"]);
+        env.ok(&a)
+    };
+    reg("tina");
+    reg("tom");
+    let mut a = tls.to_vec();
+    a.extend([
+        "--user",
+        "tina",
+        "--password",
+        "password-x",
+        "send",
+        "tom",
+        "over tls",
+    ]);
+    env.ok(&a);
+    let mut a = tls.to_vec();
+    a.extend([
+        "--json",
+        "--user",
+        "tom",
+        "--password",
+        "password-x",
+        "history",
+        "tina",
+    ]);
+    let out = env.ok(&a);
+    assert!(out.contains("over tls"), "{out}");
+    // Without the CA (the system bundle does not know it): refused, exit code != 0.
+    let o = env.run(&[
+        "--tls",
+        "--tls-name",
+        "localhost",
+        "register",
+        "xavier",
+        "password-x",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("tls"), "{err}");
+}
