@@ -248,11 +248,17 @@ async fn login_timeout_from_the_environment_closes_idle_connections() {
         got.extend_from_slice(&buf[..n]);
     }
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(1900), "closed after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "closed after {waited:?}"
+    );
     let mut codec = mychat_codec::FrameCodec::new(u32::MAX);
     let mut b = bytes::BytesMut::from(&got[..]);
     use tokio_util::codec::Decoder as _;
-    let f = codec.decode(&mut b).unwrap().expect("a KICK frame before the close");
+    let f = codec
+        .decode(&mut b)
+        .unwrap()
+        .expect("a KICK frame before the close");
     assert_eq!(f.header.command, pb::Command::Kick.id());
     use prost::Message as _;
     let k = pb::KickPush::decode(f.body).unwrap();
