@@ -74,6 +74,10 @@ pub struct ConnShared {
     pub id: ConnId,
     pub peer: SocketAddr,
     out: RefCell<BytesMut>,
+    /// Bytes left of the frame at the front of `out` whose writing has begun (0: `out`
+    /// starts at a frame boundary). Lets a slow consumer's queue be dropped down to a
+    /// frame boundary, so its KICK goes out next instead of behind megabytes.
+    head_left: Cell<usize>,
     wake: Notify,
     pub session: RefCell<Option<Session>>,
     closing: RefCell<Option<Closing>>,
@@ -95,6 +99,12 @@ impl ConnShared {
         let bound = ctx.shared.cfg.server.outbound_buffer_bytes;
         let mut out = self.out.borrow_mut();
         if out.len() + frame.len() > bound || (out.len() >= FAIR_SHARE && ctx.out_over_budget()) {
+            // It is cut off: drop what it has not read (all of it is stored, and it
+            // re-syncs), keeping the rest of a frame already half written, so that the
+            // KICK is the next thing it reads and the memory is free at once.
+            let keep = self.head_left.get().min(out.len());
+            ctx.out_sub(out.len() - keep);
+            out.truncate(keep);
             drop(out);
             self.kick(
                 KickReason::SlowConsumer,
@@ -115,6 +125,21 @@ impl ConnShared {
     fn push_response(&self, frame: &[u8], ctx: &ShardCtx) {
         self.out.borrow_mut().extend_from_slice(frame);
         ctx.out_add(frame.len());
+    }
+
+    /// Removes `n` written bytes from the front of `out`, tracking frame boundaries.
+    fn consumed(&self, out: &mut BytesMut, mut n: usize) {
+        while n > 0 {
+            let mut left = self.head_left.get();
+            if left == 0 {
+                // At a boundary: this frame's size is its length field plus 4.
+                left = u32::from_be_bytes([out[0], out[1], out[2], out[3]]) as usize + 4;
+            }
+            let take = n.min(left);
+            out.advance(take);
+            n -= take;
+            self.head_left.set(left - take);
+        }
     }
 
     /// Starts closing with a KICK push (the first reason wins).
@@ -311,6 +336,7 @@ pub fn spawn(ctx: Rc<ShardCtx>, stream: std::net::TcpStream, peer: SocketAddr, t
         id,
         peer,
         out: RefCell::new(BytesMut::new()),
+        head_left: Cell::new(0),
         wake: Notify::new(),
         session: RefCell::new(None),
         closing: RefCell::new(None),
@@ -549,7 +575,7 @@ fn write_some(io: &mut Io, conn: &ConnShared, ctx: &ShardCtx) -> bool {
                 match tls.writer().write(&out) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        out.advance(n);
+                        conn.consumed(&mut out, n);
                         ctx.out_sub(n);
                     }
                 }
@@ -570,7 +596,7 @@ fn write_some(io: &mut Io, conn: &ConnShared, ctx: &ShardCtx) -> bool {
         while !out.is_empty() {
             match io.stream.try_write(&out) {
                 Ok(n) => {
-                    out.advance(n);
+                    conn.consumed(&mut out, n);
                     ctx.out_sub(n);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

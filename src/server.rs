@@ -307,6 +307,7 @@ fn accept_loop(
         };
         let max = shared.cfg.server.max_connections;
         let per_addr = shared.cfg.server.max_connections_per_addr;
+        let sndbuf = shared.cfg.server.socket_send_buffer_bytes;
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -322,6 +323,9 @@ fn accept_loop(
                 }
             };
             let _ = stream.set_nodelay(true);
+            if sndbuf > 0 {
+                let _ = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf);
+            }
             if shared.connections.load(Ordering::Acquire) >= max {
                 Metrics::inc(&shared.metrics.connections_refused_max_total);
                 refuse(stream, "too many connections").await;

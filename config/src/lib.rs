@@ -66,6 +66,7 @@ pub struct ServerConfig {
     pub outbound_total_bytes: usize,
     pub requests_per_sec: u32,
     pub request_burst: u32,
+    pub socket_send_buffer_bytes: usize,
     /// Prometheus text metrics over HTTP on this address; empty: off.
     pub metrics_listen: String,
 }
@@ -91,6 +92,7 @@ impl Default for ServerConfig {
             outbound_total_bytes: 256 * 1024 * 1024,
             requests_per_sec: 200,
             request_burst: 400,
+            socket_send_buffer_bytes: 0,
             metrics_listen: String::new(),
         }
     }
@@ -518,6 +520,12 @@ impl Config {
         )?;
         range("server.requests_per_sec", s.requests_per_sec, 1, 10_000_000)?;
         range("server.request_burst", s.request_burst, 1, 10_000_000)?;
+        range(
+            "server.socket_send_buffer_bytes",
+            s.socket_send_buffer_bytes,
+            0,
+            1 << 30,
+        )?;
         if !s.metrics_listen.trim().is_empty()
             && s.metrics_listen.trim().parse::<SocketAddr>().is_err()
         {
