@@ -87,6 +87,19 @@ async fn call(
     }
 }
 
+/// A password LOGIN of the `fuzzer` user on `device`.
+fn fuzzer_login(device: &str) -> mychat_proto::LoginRequest {
+    use mychat_proto::*;
+    LoginRequest {
+        credential: Some(login_request::Credential::Password(PasswordCredential {
+            username: "fuzzer".into(),
+            password: "password-fuzzer".into(),
+        })),
+        device_id: device.into(),
+        platform: Platform::Web as i32,
+    }
+}
+
 /// Turns input bytes into (command, body) requests.
 pub fn requests(commands: &[u16], mut input: &[u8]) -> Vec<(u16, Vec<u8>)> {
     let mut next = |n: usize| -> Option<Vec<u8>> {
@@ -200,20 +213,9 @@ impl Harness {
                 ids.push(RegisterResponse::decode(r).unwrap().user_id);
             }
             let mut s = TcpStream::connect(&addr).await.unwrap();
-            let r = call(
-                &mut s,
-                Command::Login,
-                &LoginRequest {
-                    credential: Some(login_request::Credential::Password(PasswordCredential {
-                        username: "fuzzer".into(),
-                        password: "password-fuzzer".into(),
-                    })),
-                    device_id: "setup".into(),
-                    platform: Platform::Desktop as i32,
-                },
-            )
-            .await
-            .unwrap();
+            let r = call(&mut s, Command::Login, &fuzzer_login("setup"))
+                .await
+                .unwrap();
             assert!(LoginResponse::decode(r).is_ok());
             let _ = call(
                 &mut s,
@@ -270,21 +272,10 @@ impl Harness {
             let mut s = TcpStream::connect(&self.addr)
                 .await
                 .map_err(|e| e.to_string())?;
-            call(
-                &mut s,
-                Command::Login,
-                &LoginRequest {
-                    // By password: an input's LOGOUT revokes the tokens issued so far.
-                    credential: Some(login_request::Credential::Password(PasswordCredential {
-                        username: "fuzzer".into(),
-                        password: "password-fuzzer".into(),
-                    })),
-                    device_id: "fuzz".into(),
-                    platform: Platform::Web as i32,
-                },
-            )
-            .await
-            .map_err(|e| format!("login: {e}"))?;
+            // By password: an input's LOGOUT revokes the tokens issued so far.
+            call(&mut s, Command::Login, &fuzzer_login("fuzz"))
+                .await
+                .map_err(|e| format!("login: {e}"))?;
             let mut all = Vec::new();
             for (i, (cmd, body)) in reqs.iter().enumerate() {
                 all.extend_from_slice(&frame(*cmd, i as u32 + 2, body));

@@ -280,20 +280,7 @@ async fn stalled_readers_are_cut_at_the_shared_budget() {
         let (c, _) = s
             .login(&format!("rcv{i}"), "d", pb::Platform::Desktop)
             .await;
-        let mut seqs = Vec::new();
-        let mut since = 0;
-        loop {
-            let p = c.sync(Some(since), 0).await.unwrap();
-            for u in &p.updates {
-                if let Some(pb::update::Event::Message(m)) = &u.event {
-                    seqs.push(m.seq);
-                }
-            }
-            since = p.pts;
-            if !p.has_more {
-                break;
-            }
-        }
+        let seqs = synced_message_seqs(&c).await;
         assert_eq!(seqs, (1..=*n).collect::<Vec<u64>>(), "receiver {i}");
     }
 }

@@ -649,21 +649,7 @@ async fn slow_consumer_is_disconnected_and_loses_nothing() {
     assert!(closed, "the slow consumer was disconnected");
     // Reconnected, bob syncs everything.
     let (b, _) = s.login("bob", "slow", Platform::Desktop).await;
-    let mut since = 0;
-    let mut seqs = Vec::new();
-    loop {
-        let p = b.sync(Some(since), 0).await.unwrap();
-        for u in &p.updates {
-            if let Some(pb::update::Event::Message(m)) = &u.event {
-                seqs.push(m.seq);
-            }
-        }
-        since = p.pts;
-        if !p.has_more {
-            break;
-        }
-    }
-    assert_eq!(seqs, acked);
+    assert_eq!(synced_message_seqs(&b).await, acked);
 }
 
 /// A full write queue refuses with UNAVAILABLE, and what was refused is not stored:

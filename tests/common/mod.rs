@@ -119,6 +119,25 @@ pub async fn next_message(rx: &mut tokio::sync::mpsc::Receiver<Push>) -> pb::Mes
     }
 }
 
+/// Syncs from the start of the user's stream to its end; returns the seqs of the
+/// messages in it, in stream order.
+pub async fn synced_message_seqs(c: &Client) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut since = 0;
+    loop {
+        let p = c.sync(Some(since), 0).await.unwrap();
+        for u in &p.updates {
+            if let Some(pb::update::Event::Message(m)) = &u.event {
+                seqs.push(m.seq);
+            }
+        }
+        since = p.pts;
+        if !p.has_more {
+            return seqs;
+        }
+    }
+}
+
 /// Asserts nothing arrives within `ms`.
 pub async fn no_push(rx: &mut tokio::sync::mpsc::Receiver<Push>, ms: u64) {
     if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(ms), rx.recv()).await {
