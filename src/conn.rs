@@ -418,8 +418,9 @@ async fn run(guard: Guard, mut io: Io) {
             };
             match next {
                 Ok(Some(frame)) => {
+                    // One clock read per frame serves the idle timer and the bucket.
                     last_frame = Instant::now();
-                    if fresh && !bucket.take(rate, burst, std::time::Instant::now()) {
+                    if fresh && !bucket.take(rate, burst, last_frame.into_std()) {
                         Metrics::inc(&ctx.shared.metrics.requests_rate_limited_total);
                         let h = frame.header;
                         conn.push_response(

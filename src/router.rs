@@ -25,9 +25,8 @@ pub async fn dispatch(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, frame: Frame) -> 
     } = frame.header;
     let cmd = Command::from_id(command);
     let barrier = f == 0 && matches!(cmd, Some(Command::Login | Command::Logout));
-    let shared = ctx.shared.clone();
-    let ctx_metrics = &shared.metrics;
-    let result = AssertUnwindSafe(route(ctx, conn.clone(), f, cmd, frame.body))
+    // An Rc clone (no atomic): the counters below are read through it afterwards.
+    let result = AssertUnwindSafe(route(ctx.clone(), conn.clone(), f, cmd, frame.body))
         .catch_unwind()
         .await;
     let result = match result {
@@ -47,11 +46,11 @@ pub async fn dispatch(ctx: Rc<ShardCtx>, conn: Rc<ConnShared>, frame: Frame) -> 
         Err(e) => {
             match e.code {
                 ErrorCode::Internal => {
-                    crate::metrics::Metrics::inc(&ctx_metrics.internal_total);
+                    crate::metrics::Metrics::inc(&ctx.shared.metrics.internal_total);
                     tracing::warn!(conn = conn.id.0, command, "answered INTERNAL");
                 }
                 ErrorCode::Unavailable => {
-                    crate::metrics::Metrics::inc(&ctx_metrics.unavailable_total)
+                    crate::metrics::Metrics::inc(&ctx.shared.metrics.unavailable_total)
                 }
                 _ => {}
             }

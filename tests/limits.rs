@@ -324,4 +324,16 @@ async fn metrics_endpoint_serves_the_counters() {
         text.contains("# TYPE mychat_kicks_slow_consumer_total counter"),
         "{text}"
     );
+    // Any other path: 404, and the endpoint keeps serving.
+    let other = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut h = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        h.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        h.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
 }
