@@ -303,6 +303,7 @@ pub struct StoreConfig {
     pub max_batch: usize,
     pub read_connections: usize,
     pub cache_mib: u32,
+    pub mmap_mib: u32,
 }
 
 impl Default for StoreConfig {
@@ -313,6 +314,7 @@ impl Default for StoreConfig {
             max_batch: 1024,
             read_connections: 4,
             cache_mib: 64,
+            mmap_mib: 1024,
         }
     }
 }
@@ -712,6 +714,7 @@ impl Config {
         range("store.max_batch", st.max_batch, 1, 1 << 16)?;
         range("store.read_connections", st.read_connections, 1, 256)?;
         range("store.cache_mib", st.cache_mib, 1, 1 << 16)?;
+        range("store.mmap_mib", st.mmap_mib, 0, 1 << 20)?;
         if self.log.level.trim().is_empty() {
             return Err(key_err("log.level", "must not be empty"));
         }

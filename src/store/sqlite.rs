@@ -202,6 +202,12 @@ CREATE TABLE hidden(
     PRIMARY KEY(user_id, msg_id)
 ) WITHOUT ROWID;
 "#,
+    r#"
+-- 3: no unread set. It cost a b-tree page write per 1:1 message (the recipient's
+-- entry, the sender's removal); a new device's snapshot now finds unread direct
+-- conversations from the read marks (members) and each conversation's last seq.
+DROP TABLE unread;
+"#,
 ];
 
 const UPDATE_MESSAGE: i64 = 1;
@@ -245,7 +251,12 @@ fn internal(e: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(e.to_string())
 }
 
-fn open(path: &Path, read_only: bool, cache_mib: u32) -> Result<Connection, StoreError> {
+fn open(
+    path: &Path,
+    read_only: bool,
+    cache_mib: u32,
+    mmap_mib: u32,
+) -> Result<Connection, StoreError> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -256,8 +267,9 @@ fn open(path: &Path, read_only: bool, cache_mib: u32) -> Result<Connection, Stor
     let c = Connection::open_with_flags(path, flags).map_err(internal)?;
     c.busy_timeout(Duration::from_secs(10)).map_err(internal)?;
     c.execute_batch(&format!(
-        "PRAGMA cache_size = -{};",
-        cache_mib as u64 * 1024
+        "PRAGMA cache_size = -{}; PRAGMA mmap_size = {};",
+        cache_mib as u64 * 1024,
+        mmap_mib as u64 * 1024 * 1024
     ))
     .map_err(internal)?;
     Ok(c)
@@ -271,7 +283,7 @@ impl SqliteStore {
     ) -> Result<Arc<SqliteStore>, StoreError> {
         std::fs::create_dir_all(dir).map_err(internal)?;
         let path = dir.join("mychat.db");
-        let mut w = open(&path, false, cfg.cache_mib)?;
+        let mut w = open(&path, false, cfg.cache_mib, cfg.mmap_mib)?;
         // page_size applies to a new file only (before its first table); journal_mode=WAL
         // persists in the file; synchronous and autocheckpoint are per connection.
         w.execute_batch("PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864; PRAGMA foreign_keys=OFF;")
@@ -279,7 +291,7 @@ impl SqliteStore {
         migrate(&mut w)?;
         let (rtx, rrx) = crossbeam_channel::bounded(cfg.read_connections);
         for _ in 0..cfg.read_connections {
-            let r = open(&path, true, cfg.cache_mib)?;
+            let r = open(&path, true, cfg.cache_mib, cfg.mmap_mib)?;
             rtx.send(r).map_err(internal)?;
         }
         let (wtx, wrx) = crossbeam_channel::bounded(cfg.write_queue);
@@ -292,7 +304,7 @@ impl SqliteStore {
             .name("mychat-store-writer".into())
             .spawn(move || Writer::new(w, wpub).run(wrx, max_batch))
             .map_err(internal)?;
-        let cp_conn = open(&path, false, 1)?;
+        let cp_conn = open(&path, false, 1, 0)?;
         let cp_closing = closing.clone();
         let checkpointer = std::thread::Builder::new()
             .name("mychat-store-checkpoint".into())
@@ -569,6 +581,12 @@ impl Writer {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
+    /// Runs a parameterless statement kept prepared (the savepoint of every job would
+    /// otherwise be parsed twice per write).
+    fn exec_cached(&self, sql: &str) -> rusqlite::Result<usize> {
+        self.conn.prepare_cached(sql)?.execute([])
+    }
+
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
         let mut done: Vec<Done> = Vec::with_capacity(batch.len());
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
@@ -583,7 +601,7 @@ impl Writer {
         self.pairs_pending.clear();
         for op in batch.drain(..) {
             let WriteOp::Job(job) = op else { continue };
-            if self.conn.execute_batch("SAVEPOINT op").is_err() {
+            if self.exec_cached("SAVEPOINT op").is_err() {
                 continue; // the job is dropped: its caller sees "writer stopped"
             }
             let mut delta = CacheDelta::default();
@@ -591,14 +609,15 @@ impl Writer {
             let pubs_before = self.publications.len();
             let d = job(self, &mut delta);
             if d.ok {
-                let _ = self.conn.execute_batch("RELEASE op");
+                let _ = self.exec_cached("RELEASE op");
                 self.batch_seq.extend(delta.seqs);
                 self.batch_pts.extend(delta.pts);
                 if let Some(c) = delta.pair {
                     self.pairs_pending.insert((c.user_a, c.user_b), c);
                 }
             } else {
-                let _ = self.conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                let _ = self.exec_cached("ROLLBACK TO op");
+                let _ = self.exec_cached("RELEASE op");
                 self.publications.truncate(pubs_before);
                 // A failed write may have touched cached group state: reload it.
                 for g in self.groups_dirty.drain(groups_before..).collect::<Vec<_>>() {
@@ -876,6 +895,8 @@ impl Writer {
             .and_then(|mut s| s.execute(params![CONV_DIRECT, a.0 as i64, b.0 as i64]))
             .map_err(internal)?;
         let id = ConvId(self.conn.last_insert_rowid() as u64);
+        // A new conversation has no message yet: the first insert needs no MAX(seq) probe.
+        self.batch_seq.insert(id, 0);
         for u in [a, b] {
             self.conn
                 .prepare_cached("INSERT INTO members(user_id, conv_id) VALUES(?1, ?2)")
@@ -941,14 +962,6 @@ impl Writer {
                 ])
             })
             .map_err(internal)?;
-        self.conn
-            .prepare_cached("DELETE FROM unread WHERE user_id=?1 AND conv_id=?2")
-            .and_then(|mut s| s.execute(params![i.sender.0 as i64, conv.id.0 as i64]))
-            .map_err(internal)?;
-        self.conn
-            .prepare_cached("INSERT OR IGNORE INTO unread(user_id, conv_id) VALUES(?1, ?2)")
-            .and_then(|mut s| s.execute(params![i.recipient.0 as i64, conv.id.0 as i64]))
-            .map_err(internal)?;
         self.publications.push(Publication::Direct {
             message: message.clone(),
             sender_pts,
@@ -1001,12 +1014,6 @@ impl Writer {
             .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
             .and_then(|mut s| s.execute(params![user.0 as i64, conv.0 as i64, target as i64]))
             .map_err(internal)?;
-        if target >= last {
-            self.conn
-                .prepare_cached("DELETE FROM unread WHERE user_id=?1 AND conv_id=?2")
-                .and_then(|mut s| s.execute(params![user.0 as i64, conv.0 as i64]))
-                .map_err(internal)?;
-        }
         let read_event = StreamEvent {
             kind: UPDATE_READ,
             conv,
@@ -1252,9 +1259,9 @@ impl Store for SqliteStore {
                 {
                     let mut s = c
                         .prepare_cached(
-                            "SELECT n.conv_id, mb.read_seq, (SELECT MAX(seq) FROM messages WHERE conv_id = n.conv_id)
-                             FROM unread n JOIN members mb ON mb.user_id = n.user_id AND mb.conv_id = n.conv_id
-                             WHERE n.user_id=?1",
+                            "SELECT mb.conv_id, mb.read_seq, (SELECT MAX(seq) FROM messages WHERE conv_id = mb.conv_id)
+                             FROM members mb JOIN conversations c ON c.id = mb.conv_id
+                             WHERE mb.user_id=?1 AND c.group_id = 0",
                         )
                         .map_err(read_err)?;
                     let rows = s
