@@ -31,6 +31,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::Decoder;
 
+/// How long a refused send keeps its closed-loop slot before the window sends again.
+const ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Which server the traffic goes to.
 #[derive(Clone, Debug)]
 pub enum Target {
@@ -487,11 +490,21 @@ async fn device_conn(
                             continue;
                         }
                         let Some((expected, permit, client_msg_id)) = pending.remove(&h.seq) else { continue };
-                        drop(permit);
                         if h.is_error() {
                             let e = mychat_proto::Error::decode(f.body)?;
                             stats.error(code_name(e.code));
+                            // A refused send (RATE_LIMITED, UNAVAILABLE …) holds its slot of
+                            // the closed-loop window a while, as a client backs off: freed at
+                            // once, the window would resend in a tight loop against a server
+                            // that just said it is overloaded.
+                            if let Some(p) = permit {
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(ERROR_BACKOFF).await;
+                                    drop(p);
+                                });
+                            }
                         } else {
+                            drop(permit);
                             stats.acked.fetch_add(1, Relaxed);
                             stats.expected.fetch_add(expected, Relaxed);
                             if stats.measuring.load(Relaxed) {

@@ -88,6 +88,13 @@ pub async fn prepare(
     parallel: usize,
 ) -> anyhow::Result<State> {
     let mut st = load(path);
+    if !still_valid(addr, &st).await? {
+        eprintln!(
+            "loadtest: the server does not know the tokens in {} (a new data directory?): setting the users up again",
+            path.display()
+        );
+        st = State::default();
+    }
     st.users
         .resize_with(s.users.max(st.users.len()), Default::default);
     for (i, u) in st.users.iter_mut().enumerate() {
@@ -128,6 +135,35 @@ pub async fn prepare(
         return Err(e);
     }
     Ok(st)
+}
+
+/// Whether the server still accepts the state file's tokens: its first device's token
+/// logs in (a server on a fresh data directory has other users and another key).
+async fn still_valid(addr: SocketAddr, st: &State) -> anyhow::Result<bool> {
+    let now = now_ms();
+    let Some((u, d, dev)) = st.users.iter().find_map(|u| {
+        u.devices
+            .iter()
+            .enumerate()
+            .find(|(_, d)| !d.access.is_empty() && d.access_exp > now)
+            .map(|(i, d)| (u, i, d))
+    }) else {
+        return Ok(true); // nothing to check: unexpired tokens are the only shortcut taken
+    };
+    let mut conn = Conn::open(addr, None).await?;
+    let login = LoginRequest {
+        credential: Some(login_request::Credential::AccessToken(dev.access.clone())),
+        device_id: dev.device.clone(),
+        platform: PLATFORMS[d % PLATFORMS.len()] as i32,
+    };
+    match conn
+        .call::<_, LoginResponse>(Command::Login, &login)
+        .await?
+    {
+        Ok(r) => Ok(r.user_id == u.id),
+        Err(e) if e.code == ErrorCode::InvalidCredentials as u32 => Ok(false),
+        Err(e) => anyhow::bail!("checking the state file's tokens: {e}"),
+    }
 }
 
 async fn ready_user(
