@@ -333,6 +333,41 @@ async fn receipts_flow_back_to_the_sender() {
     assert_eq!(code(e.read(0, 1).await.unwrap_err()), ErrorCode::BadRequest);
 }
 
+/// The unread snapshot comes from read marks: a reply marks the conversation read up to
+/// the reply, and one's own messages are never unread to oneself.
+#[tokio::test]
+async fn snapshot_follows_read_marks_moved_by_replies() {
+    let s = TestServer::start().await;
+    let alice = s.register("alice").await;
+    let bob = s.register("bob").await;
+    let (a, _) = s.login("alice", "a", Platform::Desktop).await;
+    let (b, _) = s.login("bob", "b", Platform::Desktop).await;
+    a.send_text(bob, "hello").await.unwrap();
+    a.send_text(bob, "are you there").await.unwrap();
+    b.send_text(alice, "yes").await.unwrap();
+    let texts = |snap: &pb::SyncResponse| -> Vec<String> {
+        assert!(snap.unread_snapshot);
+        snap.updates
+            .iter()
+            .map(|u| match &u.event {
+                Some(pb::update::Event::Message(m)) => m.text.clone(),
+                e => panic!("{e:?}"),
+            })
+            .collect()
+    };
+    // Bob's reply read alice's two messages; alice has not read the reply.
+    let (b2, _) = s.login("bob", "b2", Platform::Mobile).await;
+    assert_eq!(
+        texts(&b2.sync(None, 0).await.unwrap()),
+        Vec::<String>::new()
+    );
+    let (a2, _) = s.login("alice", "a2", Platform::Mobile).await;
+    assert_eq!(
+        texts(&a2.sync(None, 0).await.unwrap()),
+        vec!["yes".to_string()]
+    );
+}
+
 #[tokio::test]
 async fn new_device_gets_unread_then_syncs_by_cursor() {
     let s = TestServer::start().await;

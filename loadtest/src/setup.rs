@@ -157,7 +157,7 @@ async fn still_valid(addr: SocketAddr, st: &State) -> anyhow::Result<bool> {
         platform: PLATFORMS[d % PLATFORMS.len()] as i32,
     };
     match conn
-        .call::<_, LoginResponse>(Command::Login, &login)
+        .call_patient::<_, LoginResponse>(Command::Login, &login)
         .await?
     {
         Ok(r) => Ok(r.user_id == u.id),
@@ -175,7 +175,7 @@ async fn ready_user(
     let now = now_ms();
     if u.id == 0 {
         match conn
-            .call::<_, RegisterResponse>(
+            .call_patient::<_, RegisterResponse>(
                 Command::Register,
                 &RegisterRequest {
                     username: u.name.clone(),
@@ -195,7 +195,7 @@ async fn ready_user(
         }
         if !dev.refresh.is_empty() {
             if let Ok(t) = conn
-                .call::<_, RefreshResponse>(
+                .call_patient::<_, RefreshResponse>(
                     Command::Refresh,
                     &RefreshRequest {
                         refresh_token: dev.refresh.clone(),
@@ -222,7 +222,7 @@ async fn ready_user(
             platform: PLATFORMS[d] as i32,
         };
         let r = match conn
-            .call::<_, LoginResponse>(Command::Login, &login)
+            .call_patient::<_, LoginResponse>(Command::Login, &login)
             .await?
         {
             Ok(r) => r,
@@ -257,7 +257,7 @@ pub async fn create_groups(addr: SocketAddr, s: &Scenario, st: &mut State) -> an
             platform: PLATFORMS[0] as i32,
         };
         if let Err(e) = conn
-            .call::<_, LoginResponse>(Command::Login, &login)
+            .call_patient::<_, LoginResponse>(Command::Login, &login)
             .await?
         {
             anyhow::bail!("logging {} in to create a group: {e}", owner.name);
@@ -268,7 +268,7 @@ pub async fn create_groups(addr: SocketAddr, s: &Scenario, st: &mut State) -> an
             join_policy: JoinPolicy::Approval as i32,
         };
         match conn
-            .call::<_, GroupCreateResponse>(Command::GroupCreate, &req)
+            .call_patient::<_, GroupCreateResponse>(Command::GroupCreate, &req)
             .await?
         {
             Ok(r) => st.groups.push(r.group.map(|g| g.id).unwrap_or(0)),

@@ -105,6 +105,35 @@ impl Conn {
             return Ok(Ok(Resp::decode(f.body)?));
         }
     }
+
+    /// `call`, but a RATE_LIMITED answer is waited out (backing off from 50 ms to 2 s,
+    /// for `PATIENCE` at most), as a client that is told to slow down does: setting up
+    /// thousands of users outruns a server's default per-connection and per-address
+    /// limits, and the setup should slow to them rather than fail.
+    pub async fn call_patient<Req: prost::Message, Resp: prost::Message + Default>(
+        &mut self,
+        cmd: Command,
+        req: &Req,
+    ) -> anyhow::Result<Result<Resp, Refused>> {
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            let r = self.call(cmd, req).await?;
+            match &r {
+                Err(e)
+                    if e.code == mychat_proto::ErrorCode::RateLimited as u32
+                        && started.elapsed() < PATIENCE =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+                _ => return Ok(r),
+            }
+        }
+    }
 }
+
+/// How long `call_patient` keeps retrying a rate-limited request.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 
 use prost::Message as _;
