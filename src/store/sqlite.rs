@@ -11,7 +11,8 @@
 //!
 //! Measured here with this schema (`cargo bench --bench store`: whole 1:1 sends of
 //! 120-byte texts between 1,000 users, each = message row + 2 index entries + 2
-//! stream rows + read/unread marks, fsync per commit), median of 20 samples:
+//! stream rows + read/unread marks (the unread set is gone since: migration 3), fsync
+//! per commit), median of 20 samples:
 //! 1 in flight 2.4k msgs/s (every send pays its own fsync, ~410 µs), 64 in flight
 //! 9.6k msgs/s, 512 in flight 15.4k msgs/s — group commit buys 6×. At 512 the writer
 //! spends ~65 µs per message in SQLite's b-trees: that, not fsync, is the bound now.
