@@ -6,45 +6,20 @@
 
 mod common;
 
+use common::pki::Pki;
 use common::*;
 use mychat_client::proto as pb;
 use mychat_client::{Client, ConnectOptions, TlsOptions};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// A CA, and a certificate for localhost / 127.0.0.1 that it signed.
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
-        Pki { dir }
-    }
-    fn path(&self, f: &str) -> std::path::PathBuf {
-        self.dir.path().join(f)
-    }
-    fn opts(&self, name: Option<&str>) -> ConnectOptions {
-        ConnectOptions {
-            tls: Some(TlsOptions {
-                ca_file: Some(self.path("ca.pem")),
-                server_name: name.map(str::to_string),
-            }),
-            ..ConnectOptions::default()
-        }
+/// Client options trusting the test CA, naming the server `name` (default: the address).
+fn opts(pki: &Pki, name: Option<&str>) -> ConnectOptions {
+    ConnectOptions {
+        tls: Some(TlsOptions {
+            ca_file: Some(pki.path("ca.pem")),
+            server_name: name.map(str::to_string),
+        }),
+        ..ConnectOptions::default()
     }
 }
 
@@ -66,9 +41,9 @@ async fn the_protocol_runs_over_tls() {
     let (s, tls) = tls_server(&pki).await;
     s.register("alice").await;
     // Registering over TLS works like over TCP.
-    let reg = Client::connect_with(&tls, pki.opts(None)).await.unwrap();
+    let reg = Client::connect_with(&tls, opts(&pki, None)).await.unwrap();
     let bob_id = reg.register("bob", "password-bob").await.unwrap();
-    let bob = Client::connect_with(&tls, pki.opts(Some("localhost")))
+    let bob = Client::connect_with(&tls, opts(&pki, Some("localhost")))
         .await
         .unwrap();
     bob.login_password("bob", "password-bob", "b", pb::Platform::Desktop)
@@ -109,10 +84,12 @@ async fn untrusted_or_misnamed_servers_fail_the_handshake() {
     let (s, tls) = tls_server(&pki).await;
     // Another CA: unknown issuer.
     let other = Pki::new();
-    assert!(Client::connect_with(&tls, other.opts(None)).await.is_err());
+    assert!(Client::connect_with(&tls, opts(&other, None))
+        .await
+        .is_err());
     // The right CA but another name.
     assert!(
-        Client::connect_with(&tls, pki.opts(Some("chat.example.com")))
+        Client::connect_with(&tls, opts(&pki, Some("chat.example.com")))
             .await
             .is_err()
     );

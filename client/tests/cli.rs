@@ -1,6 +1,9 @@
 //! `mychat-cli` as a user runs it, against a real server on 127.0.0.1:0: register,
 //! send, recv (live on two devices, then offline catch-up), history, conversations,
 //! and a failure's exit code and stderr.
+#[path = "../../tests/common/pki.rs"]
+mod pki;
+
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -366,22 +369,8 @@ fn social_tour() {
 /// certificate generated here); without the CA it fails with a TLS error.
 #[test]
 fn cli_over_tls() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let pki = tempfile::tempdir().unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let p = |f: &str| pki.path().join(f);
-    std::fs::write(p("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(p("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(p("key.pem"), key.serialize_pem()).unwrap();
+    let pki = pki::Pki::new();
+    let p = |f: &str| pki.path(f);
     let data = tempfile::tempdir().unwrap();
     let mut cfg = mychat_config::Config::default();
     cfg.server.listen = "127.0.0.1:0".parse().unwrap();

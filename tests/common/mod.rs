@@ -2,6 +2,8 @@
 //! temporary data directory, driven through the client library or raw frames.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use bytes::{Bytes, BytesMut};
 use mychat::{Config, ServerHandle};
 use mychat_client::proto as pb;
