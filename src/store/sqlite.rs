@@ -1732,3 +1732,46 @@ impl Store for SqliteStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database written by a server of schema 2 (with an unread set holding rows)
+    /// opens under this one: migration 3 runs on it and drops the set.
+    #[test]
+    fn schema_2_database_migrates_to_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mychat.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO meta VALUES('schema_version', 2);",
+            )
+            .unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute_batch(MIGRATIONS[1]).unwrap();
+            c.execute("INSERT INTO unread(user_id, conv_id) VALUES(1, 1)", [])
+                .unwrap();
+        }
+        let mut c = Connection::open(&path).unwrap();
+        migrate(&mut c).unwrap();
+        let version: i64 = c
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let unread_tables: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name='unread'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(unread_tables, 0);
+    }
+}
