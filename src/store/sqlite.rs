@@ -56,6 +56,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 mod social;
+mod walbuf;
 
 /// Schema migrations, applied in order; the index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
@@ -265,7 +266,8 @@ fn open(
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
-    let c = Connection::open_with_flags(path, flags).map_err(internal)?;
+    walbuf::register().map_err(StoreError::Internal)?;
+    let c = Connection::open_with_flags_and_vfs(path, flags, walbuf::VFS_NAME).map_err(internal)?;
     c.busy_timeout(Duration::from_secs(10)).map_err(internal)?;
     c.execute_batch(&format!(
         "PRAGMA cache_size = -{}; PRAGMA mmap_size = {};",
