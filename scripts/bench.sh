@@ -4,7 +4,7 @@
 # the first run stay; later runs log in by token), NATS as the baseline where a row
 # has one. Prints one line per run and the medians; the JSON of every run is kept in
 # OUT_DIR (default /tmp/mychat-bench).
-#   scripts/bench.sh [ROW ...]      rows: idle login oto oto-light sat groups groups-half
+#   scripts/bench.sh [ROW ...]      rows: idle login oto oto-light sat sat-any groups groups-half
 #   RUNS=3 DATA=/tmp/mychat-bench-data PORT=7400 NATS=nats://127.0.0.1:4222
 #   OTO_LIGHT_RATE=5000 (one-to-one below capacity) GROUP_HALF_RATE=1600
 # Build first: cargo build --release -p mychat -p mychat-loadtest
@@ -50,6 +50,7 @@ for row in "${ROWS[@]}"; do
     oto) run_row oto --scenario config/loadtest/one-to-one-10k.toml ;;
     oto-light) run_row oto-light --scenario config/loadtest/one-to-one-10k.toml --rate "${OTO_LIGHT_RATE:-5000}" ;;
     sat) run_row sat --scenario config/loadtest/saturate-10k.toml --baseline "$NATS" ;;
+    sat-any) run_row sat-any --scenario config/loadtest/saturate-10k.toml --contacts 0 ;;
     groups) run_row groups --scenario config/loadtest/groups.toml ;;
     groups-half) run_row groups-half --scenario config/loadtest/groups.toml --mode open --rate "${GROUP_HALF_RATE:-1600}" ;;
     *) echo "unknown row $row"; exit 2 ;;

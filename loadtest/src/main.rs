@@ -64,6 +64,9 @@ struct Args {
     /// Closed loop: messages in flight.
     #[arg(long)]
     window: Option<usize>,
+    /// 1:1 peers per user (0 = any other user).
+    #[arg(long)]
+    contacts: Option<usize>,
     /// Measured seconds of traffic.
     #[arg(long)]
     duration: Option<u64>,
@@ -137,6 +140,9 @@ fn scenario_of(a: &Args) -> anyhow::Result<Scenario> {
     }
     if let Some(w) = a.window {
         s.traffic.window = w;
+    }
+    if let Some(c) = a.contacts {
+        s.traffic.contacts = c;
     }
     if let Some(d) = a.duration {
         s.traffic.duration_secs = d;
@@ -480,6 +486,7 @@ async fn run_all(
                 ("--devices", args.devices.map(|v| v.to_string())),
                 ("--rate", args.rate.map(|v| v.to_string())),
                 ("--window", args.window.map(|v| v.to_string())),
+                ("--contacts", args.contacts.map(|v| v.to_string())),
                 ("--duration", args.duration.map(|v| v.to_string())),
                 ("--mode", args.mode.clone()),
                 ("--idle", args.idle.map(|v| v.to_string())),

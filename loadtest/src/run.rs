@@ -739,6 +739,7 @@ pub async fn pace(
     if senders.is_empty() {
         return;
     }
+    let offsets = s.contact_offsets();
     let make = |dev: &Device, rng: &mut rand::rngs::SmallRng| -> Cmd {
         let u = dev.user;
         let groups = &user_groups[u];
@@ -756,8 +757,16 @@ pub async fn pace(
         } else {
             let v = if !stalled.is_empty() && rng.random::<f64>() < to_stalled {
                 stalled[rng.random_range(0..stalled.len())]
-            } else {
+            } else if offsets.is_empty() {
                 (u + 1 + rng.random_range(0..s.users - 1)) % s.users
+            } else {
+                let k = rng.random_range(0..offsets.len() * 2);
+                let off = offsets[k / 2];
+                if k % 2 == 0 {
+                    (u + off) % s.users
+                } else {
+                    (u + s.users - off) % s.users
+                }
             };
             // MyChat: the recipient's devices and the sender's other devices.
             let expected = if nats {

@@ -16,6 +16,10 @@
 //! rate = 1000                 # open loop: messages per second, all senders together
 //! window = 256                # closed loop: messages in flight
 //! direct_share = 1.0          # share of 1:1 messages; the rest go to groups
+//! contacts = 0                # 1:1 peers per user (a fixed, symmetric set: user u
+//!                             # talks to u ± k_1, u ± k_2 … mod users, the same in
+//!                             # every process); 0 = any other user, uniformly, so
+//!                             # nearly every message opens a new conversation
 //! message_size = 120          # text bytes per message (at least 40)
 //! groups = 0                  # groups created for the run …
 //! group_size = 50             # … each with this many members (consecutive users)
@@ -105,6 +109,7 @@ pub struct Traffic {
     pub rate: u64,
     pub window: usize,
     pub direct_share: f64,
+    pub contacts: usize,
     pub message_size: usize,
     pub groups: usize,
     pub group_size: usize,
@@ -120,6 +125,7 @@ impl Default for Traffic {
             rate: 1000,
             window: 256,
             direct_share: 1.0,
+            contacts: 0,
             message_size: 120,
             groups: 0,
             group_size: 50,
@@ -170,6 +176,10 @@ impl Scenario {
         );
         anyhow::ensure!(t.message_size >= 40, "traffic.message_size: at least 40");
         anyhow::ensure!(
+            t.contacts.div_ceil(2) <= (self.users - 1) / 2,
+            "traffic.contacts: at most the other users (rounded up to even)"
+        );
+        anyhow::ensure!(
             t.direct_share >= 1.0 || t.groups > 0,
             "traffic: group messages need traffic.groups > 0"
         );
@@ -205,6 +215,30 @@ impl Scenario {
         Ok(())
     }
 
+    /// The 1:1 peer offsets: user u talks to u + k and u - k (mod users) for each k,
+    /// so `contacts` rounds up to even. Fixed (a hash of the index), so every worker
+    /// process draws the same contact sets; empty when `contacts` is 0.
+    pub fn contact_offsets(&self) -> Vec<usize> {
+        let n = self.traffic.contacts.div_ceil(2);
+        let mut out: Vec<usize> = Vec::with_capacity(n);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        while out.len() < n {
+            // splitmix64
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let off = 1 + (z % (self.users as u64 - 1)) as usize;
+            // Two distinct peers per offset: not users/2 (u + k = u - k), not a repeat
+            // or the mirror of an earlier offset.
+            if 2 * off != self.users && !out.iter().any(|o| *o == off || *o == self.users - off) {
+                out.push(off);
+            }
+        }
+        out
+    }
+
     /// Whether user `u` is one of the stalled ones.
     pub fn is_stalled(&self, u: usize) -> bool {
         (u as f64) < (self.users as f64 * self.faults.stall_share).ceil()
@@ -217,5 +251,51 @@ impl Scenario {
         (0..t.group_size)
             .map(|k| (start + k) % self.users)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(users: usize, contacts: usize) -> Scenario {
+        let mut s: Scenario = toml::from_str("name = \"t\"").unwrap();
+        s.users = users;
+        s.traffic.contacts = contacts;
+        s
+    }
+
+    /// Each user gets exactly `contacts` distinct peers, never itself, the relation is
+    /// symmetric (u talks to v iff v talks to u), and every process draws the same.
+    #[test]
+    fn contact_sets_are_distinct_symmetric_and_fixed() {
+        let s = with(1000, 20);
+        s.validate().unwrap();
+        let offs = s.contact_offsets();
+        assert_eq!(offs, s.contact_offsets());
+        assert_eq!(offs.len(), 10);
+        let peers = |u: usize| -> std::collections::BTreeSet<usize> {
+            offs.iter()
+                .flat_map(|o| [(u + o) % 1000, (u + 1000 - o) % 1000])
+                .collect()
+        };
+        for u in [0, 1, 499, 999] {
+            let p = peers(u);
+            assert_eq!(p.len(), 20, "user {u}");
+            assert!(!p.contains(&u));
+            for v in p {
+                assert!(peers(v).contains(&u));
+            }
+        }
+        assert!(with(1000, 0).contact_offsets().is_empty());
+        // At most every other user, rounded up to even: 11 users talk to all 10
+        // others; with 10 users, u + 5 = u - 5, so 8 is the most.
+        with(11, 10).validate().unwrap();
+        assert!(with(11, 11).validate().is_err());
+        assert_eq!(with(11, 10).contact_offsets().len(), 5);
+        with(10, 8).validate().unwrap();
+        assert!(with(10, 9).validate().is_err());
+        assert_eq!(with(10, 8).contact_offsets().len(), 4);
+        assert!(!with(10, 8).contact_offsets().contains(&5));
     }
 }
