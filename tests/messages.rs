@@ -94,6 +94,43 @@ async fn resend_with_same_client_id_is_idempotent() {
     assert_eq!(next.seq, 2);
 }
 
+/// A retry gets its stored message even when the recipient has blocked the sender
+/// since, and when the id is reused for another peer (nothing reaches that peer); a
+/// fresh id to the blocker is refused.
+#[tokio::test]
+async fn retry_is_answered_after_a_block_and_for_another_peer() {
+    let s = TestServer::start().await;
+    let alice = s.register("alice").await;
+    let bob = s.register("bob").await;
+    let carol = s.register("carol").await;
+    let (a, _) = s.login("alice", "a", Platform::Desktop).await;
+    let (b, _) = s.login("bob", "b", Platform::Desktop).await;
+    let first = a.send(text(bob, "cid-r", "hi")).await.unwrap();
+    b.block(alice).await.unwrap();
+    let again = a.send(text(bob, "cid-r", "hi")).await.unwrap();
+    assert_eq!(
+        (again.duplicate, again.message_id, again.seq),
+        (true, first.message_id, first.seq)
+    );
+    let e = a.send(text(bob, "cid-new", "hi")).await.unwrap_err();
+    assert_eq!(code(e), ErrorCode::Forbidden);
+    let other = a.send(text(carol, "cid-r", "hi carol")).await.unwrap();
+    assert_eq!(
+        (other.duplicate, other.message_id, other.conversation_id),
+        (true, first.message_id, first.conversation_id)
+    );
+    // Nothing reached carol: no conversation with alice was opened.
+    let (c, _) = s.login("carol", "c", Platform::Desktop).await;
+    let e = c
+        .history(pb::HistoryRequest {
+            peer_user_id: alice,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(e), ErrorCode::NotFound);
+}
+
 #[tokio::test]
 async fn send_refusals() {
     let s = TestServer::start_with(|c| {
