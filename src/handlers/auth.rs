@@ -5,7 +5,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::ids::UserId;
 use crate::router::{decode, encode, now_ms};
 use crate::shard::ShardCtx;
-use crate::store::{RefreshRecord, TakeRefresh, UserRecord};
+use crate::store::{DeviceRecord, RefreshRecord, TakeRefresh, UserRecord};
 use bytes::Bytes;
 use mychat_proto::{
     login_request::Credential, ErrorCode, GetUsersRequest, GetUsersResponse, KickReason,
@@ -130,6 +130,8 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
     let mut refresh_stored = false;
     // An access-token login keeps the refresh token the device already holds.
     let mut issue_refresh = true;
+    // A token login refreshes its device row in the same writer call that checks it.
+    let mut registered: Option<(DeviceRecord, u64)> = None;
     match req.credential {
         None => return Err(ApiError::bad_request("credential is missing")),
         Some(Credential::Password(p)) => {
@@ -215,20 +217,23 @@ pub async fn login(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Ap
             if claims.device_id != req.device_id {
                 return Err(invalid());
             }
-            let (dev, u) = store
-                .device_and_user(claims.user, claims.device_id.clone())
+            let (dev, u, pts) = store
+                .token_login(claims.user, claims.device_id, claims.epoch, platform, now)
                 .await?
                 .ok_or_else(invalid)?;
-            if dev.token_epoch != claims.epoch {
-                return Err(invalid());
-            }
             issue_refresh = false;
+            registered = Some((dev, pts));
             user = u;
         }
     }
-    let (device, pts) = store
-        .register_device(user.id, req.device_id.clone(), platform, now)
-        .await?;
+    let (device, pts) = match registered {
+        Some(r) => r,
+        None => {
+            store
+                .register_device(user.id, req.device_id.clone(), platform, now)
+                .await?
+        }
+    };
     if !refresh_stored && issue_refresh {
         store
             .put_refresh(RefreshRecord {

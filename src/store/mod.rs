@@ -365,12 +365,19 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreFut<(DeviceRecord, u64)>;
     fn device(&self, user: UserId, device_id: String) -> StoreFut<Option<DeviceRecord>>;
-    /// A device and its user in one round trip (a token login).
-    fn device_and_user(
+    /// A login by access token, in one round trip to the writer: when the device
+    /// exists with token epoch `epoch`, refreshes its platform and last login and
+    /// returns it, its user and the user's pts; `None` when the token no longer
+    /// holds (device gone or logged out since). No read connection is involved: on
+    /// a store taking writes, a read transaction starts with a reset page cache.
+    fn token_login(
         &self,
         user: UserId,
         device_id: String,
-    ) -> StoreFut<Option<(DeviceRecord, UserRecord)>>;
+        epoch: u64,
+        platform: Platform,
+        now_ms: i64,
+    ) -> StoreFut<Option<(DeviceRecord, UserRecord, u64)>>;
     /// Revokes the device's tokens: bumps its token epoch and deletes its refresh tokens.
     fn logout_device(&self, user: UserId, device_id: String) -> StoreFut<()>;
     /// Moves the device's cursor forward to `pts` (never backward).

@@ -723,6 +723,36 @@ impl Writer {
             .map_err(internal)
     }
 
+    fn token_login(
+        &mut self,
+        user: UserId,
+        device: &str,
+        epoch: u64,
+        platform: Platform,
+        now: i64,
+    ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError> {
+        let c = &self.conn;
+        let dev = c
+            .prepare_cached("SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2")
+            .and_then(|mut s| s.query_row(params![user.0 as i64, device], device_row).optional())
+            .map_err(internal)?;
+        let Some(mut dev) = dev.filter(|d| d.token_epoch == epoch) else {
+            return Ok(None);
+        };
+        let u = c
+            .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id=?1"))
+            .and_then(|mut s| s.query_row([user.0 as i64], user_row).optional())
+            .map_err(internal)?;
+        let Some(u) = u else { return Ok(None) };
+        c.prepare_cached(
+            "UPDATE devices SET platform=?3, last_login_ms=?4 WHERE user_id=?1 AND device_id=?2",
+        )
+        .and_then(|mut s| s.execute(params![user.0 as i64, device, platform as i64, now]))
+        .map_err(internal)?;
+        dev.platform = platform;
+        Ok(Some((dev, u)))
+    }
+
     fn logout(&mut self, user: UserId, device: &str) -> Result<(), StoreError> {
         let c = &self.conn;
         c.prepare_cached(
@@ -1523,22 +1553,19 @@ impl Store for SqliteStore {
         })
     }
 
-    fn device_and_user(
+    fn token_login(
         &self,
         user: UserId,
         device_id: String,
-    ) -> StoreFut<Option<(DeviceRecord, UserRecord)>> {
-        self.read(move |c| {
-            let dev = c
-                .prepare_cached("SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2")
-                .and_then(|mut s| s.query_row(params![user.0 as i64, device_id], device_row).optional())
-                .map_err(read_err)?;
-            let Some(dev) = dev else { return Ok(None) };
-            let u = c
-                .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id=?1"))
-                .and_then(|mut s| s.query_row([user.0 as i64], user_row).optional())
-                .map_err(read_err)?;
-            Ok(u.map(|u| (dev, u)))
+        epoch: u64,
+        platform: Platform,
+        now_ms: i64,
+    ) -> StoreFut<Option<(DeviceRecord, UserRecord, u64)>> {
+        self.write(move |w, d| {
+            let Some((dev, u)) = w.token_login(user, &device_id, epoch, platform, now_ms)? else {
+                return Ok(None);
+            };
+            Ok(Some((dev, u, w.pts_of(user, d)?)))
         })
     }
 
