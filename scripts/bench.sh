@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"; DATA="${DATA:-/tmp/mychat-bench-data}"; PORT="${PORT:-7400}"
 NATS="${NATS:-nats://127.0.0.1:4222}"; OUT_DIR="${OUT_DIR:-/tmp/mychat-bench}"
 mkdir -p "$OUT_DIR"
-ROWS=("$@"); [ ${#ROWS[@]} -gt 0 ] || ROWS=(idle login oto oto-light sat groups groups-half)
+ROWS=("$@"); [ ${#ROWS[@]} -gt 0 ] || ROWS=(idle login oto oto-light sat sat-any groups groups-half)
 export MYCHAT__AUTH__ARGON2_M_COST_KIB=64 MYCHAT__AUTH__ARGON2_T_COST=1 \
   MYCHAT__SERVER__MAX_CONNECTIONS_PER_ADDR=100000 \
   MYCHAT__AUTH__REGISTRATIONS_PER_ADDR_PER_MIN=1000000 \
