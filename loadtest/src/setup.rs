@@ -98,11 +98,21 @@ pub async fn prepare(
     st.users
         .resize_with(s.users.max(st.users.len()), Default::default);
     for (i, u) in st.users.iter_mut().enumerate() {
-        u.name = format!("{}{i}", s.user_prefix);
+        // A state file written for another scenario (another user prefix) holds other
+        // users' ids and tokens: those entries start over.
+        let name = format!("{}{i}", s.user_prefix);
+        if u.name != name {
+            *u = UserState::default();
+            u.name = name;
+        }
         u.devices
             .resize_with(s.devices_per_user.max(u.devices.len()), Default::default);
         for (d, dev) in u.devices.iter_mut().enumerate() {
-            dev.device = format!("{}-{i}-{d}", s.user_prefix);
+            let device = format!("{}-{i}-{d}", s.user_prefix);
+            if dev.device != device {
+                *dev = Default::default();
+                dev.device = device;
+            }
         }
     }
     let users = Arc::new(parking_lot::Mutex::new(std::mem::take(&mut st.users)));
