@@ -158,6 +158,18 @@ unsafe fn real(
     }
 }
 
+/// Flushes the waiting WAL bytes, then gives the real file and its methods; returns
+/// the flush's error from the calling method instead.
+macro_rules! flushed {
+    ($f:expr) => {{
+        let rc = flush($f);
+        if rc != ffi::SQLITE_OK {
+            return rc;
+        }
+        real($f)
+    }};
+}
+
 /// Writes out whatever WAL bytes are waiting.
 unsafe fn flush(f: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
@@ -216,11 +228,7 @@ unsafe extern "C" fn x_read(
     off: i64,
 ) -> c_int {
     unsafe {
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (real, m) = real(f);
+        let (real, m) = flushed!(f);
         m.xRead
             .map_or(ffi::SQLITE_IOERR_READ, |r| r(real, buf, amt, off))
     }
@@ -270,11 +278,7 @@ unsafe extern "C" fn x_write(
 
 unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
     unsafe {
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (real, m) = real(f);
+        let (real, m) = flushed!(f);
         m.xTruncate
             .map_or(ffi::SQLITE_IOERR_TRUNCATE, |t| t(real, size))
     }
@@ -282,22 +286,14 @@ unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
 
 unsafe extern "C" fn x_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     unsafe {
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (real, m) = real(f);
+        let (real, m) = flushed!(f);
         m.xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(real, flags))
     }
 }
 
 unsafe extern "C" fn x_file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
     unsafe {
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (real, m) = real(f);
+        let (real, m) = flushed!(f);
         m.xFileSize
             .map_or(ffi::SQLITE_IOERR_FSTAT, |s| s(real, size))
     }
@@ -334,11 +330,7 @@ unsafe extern "C" fn x_file_control(
     unsafe {
         // Whatever the control does (size hints, persistence, VFS queries), it sees
         // the file as SQLite wrote it.
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (real, m) = real(f);
+        let (real, m) = flushed!(f);
         m.xFileControl
             .map_or(ffi::SQLITE_NOTFOUND, |c| c(real, op, arg))
     }
@@ -419,11 +411,7 @@ unsafe extern "C" fn x_fetch(
     unsafe {
         // Memory-mapped reads are for the database file, which is never buffered;
         // flush anyway so a mapping never shows bytes older than a write.
-        let rc = flush(f);
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        let (real, m) = real(f);
+        let (real, m) = flushed!(f);
         match m.xFetch {
             Some(x) if m.iVersion >= 3 => x(real, off, amt, out),
             _ => {
