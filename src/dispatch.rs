@@ -9,7 +9,8 @@
 //! fills the write queue, which answers senders UNAVAILABLE: memory stays bounded when
 //! fan-out cannot keep up.
 //! Since one thread sends in commit order and inboxes are FIFO, every connection gets a
-//! conversation's messages in seq order, whatever shards the senders were on.
+//! conversation's messages in seq order, whatever shards the senders were on, and its
+//! user's stream events (messages, read receipts) in pts order.
 
 use crate::ids::{ConnId, UserId};
 use crate::server::Shared;
@@ -108,6 +109,33 @@ impl Batches<'_> {
                 for u in members.iter().chain(extra.iter()) {
                     self.for_user(*u, &f, origin);
                 }
+            }
+            Publication::Read {
+                conv,
+                reader,
+                seq,
+                reader_pts,
+                peer,
+                origin,
+            } => {
+                let receipt = mychat_proto::Receipt {
+                    conversation_id: conv.0,
+                    user_id: reader.0,
+                    kind: mychat_proto::ReceiptKind::ReceiptRead as i32,
+                    seq,
+                };
+                let push = |pts| {
+                    let body = mychat_proto::ReceiptPush {
+                        receipt: Some(receipt),
+                        pts,
+                    }
+                    .encode_to_vec();
+                    mychat_codec::frame_bytes(Header::push(Command::ReceiptPush.id()), &body)
+                };
+                if let Some((peer, peer_pts)) = peer {
+                    self.for_user(peer, &push(peer_pts), None);
+                }
+                self.for_user(reader, &push(reader_pts), origin);
             }
         }
     }

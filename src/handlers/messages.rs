@@ -219,10 +219,16 @@ pub async fn read(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
     if req.conversation_id == 0 {
         return Err(ApiError::bad_request("conversation_id is required"));
     }
+    // The receipts (to the peer and the reader's other devices) are pushed by the
+    // dispatcher with the commit, in pts order with the messages: see crate::dispatch.
+    let origin = Some(Origin {
+        shard: ctx.id,
+        conn: conn.id,
+    });
     let out = ctx
         .shared
         .store
-        .mark_read(s.user, ConvId(req.conversation_id), req.seq)
+        .mark_read(s.user, ConvId(req.conversation_id), req.seq, origin)
         .await
         .map_err(|e| {
             if e == crate::store::StoreError::NotFound {
@@ -231,32 +237,6 @@ pub async fn read(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                 e.into()
             }
         })?;
-    if let Some(mv) = &out.moved {
-        let receipt = Receipt {
-            conversation_id: req.conversation_id,
-            user_id: s.user.0,
-            kind: ReceiptKind::ReceiptRead as i32,
-            seq: out.read_seq,
-        };
-        let to_peer = push_frame(
-            Command::ReceiptPush,
-            &ReceiptPush {
-                receipt: Some(receipt),
-                pts: mv.peer_pts,
-            },
-        );
-        if let Some(peer) = mv.peer {
-            ctx.deliver_to_user(peer, &to_peer, None);
-        }
-        let to_me = push_frame(
-            Command::ReceiptPush,
-            &ReceiptPush {
-                receipt: Some(receipt),
-                pts: mv.reader_pts,
-            },
-        );
-        ctx.deliver_to_user(s.user, &to_me, Some(conn.id));
-    }
     encode(&ReadResponse {
         read_seq: out.read_seq,
     })

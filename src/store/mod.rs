@@ -327,6 +327,19 @@ pub enum Publication {
         extra: Vec<UserId>,
         origin: Option<Origin>,
     },
+    /// A read mark moved: a read receipt to the reader's other sessions with
+    /// `reader_pts` and, in a DIRECT conversation, to the peer's with `peer_pts`.
+    /// Published with the commit, like messages, so that a device gets its pushes in
+    /// pts order (a receipt pushed from the handler could overtake the message push
+    /// before it, and the device would see its pts jump and sync for nothing).
+    Read {
+        conv: ConvId,
+        reader: UserId,
+        seq: u64,
+        reader_pts: u64,
+        peer: Option<(UserId, u64)>,
+        origin: Option<Origin>,
+    },
 }
 
 /// Receives each commit's publications, in commit order. Runs on the writer thread:
@@ -402,7 +415,15 @@ pub trait Store: Send + Sync + 'static {
     fn send_direct(&self, input: SendInput) -> StoreFut<SendOutcome>;
     /// Moves `user`'s read mark in `conv` up to `seq` (clamped to the last seq).
     /// NotFound when the conversation does not exist or `user` is not in it.
-    fn mark_read(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<ReadOutcome>;
+    /// When it moves, the receipt is published with the commit (`origin`, the reading
+    /// connection, is left out of the push).
+    fn mark_read(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        seq: u64,
+        origin: Option<Origin>,
+    ) -> StoreFut<ReadOutcome>;
     /// Moves `user`'s delivered mark; returns the mark after, and the peer.
     fn mark_delivered(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<(u64, UserId)>;
 

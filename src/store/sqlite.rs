@@ -1036,6 +1036,7 @@ impl Writer {
         user: UserId,
         conv: ConvId,
         seq: u64,
+        origin: Option<Origin>,
         d: &mut CacheDelta,
     ) -> Result<ReadOutcome, StoreError> {
         let c = self.conv(conv)?;
@@ -1074,6 +1075,14 @@ impl Writer {
             let peer = c.peer_of(user);
             (Some(peer), self.push_update(peer, read_event, d)?)
         };
+        self.publications.push(Publication::Read {
+            conv,
+            reader: user,
+            seq: target,
+            reader_pts,
+            peer: peer.map(|p| (p, peer_pts)),
+            origin,
+        });
         Ok(ReadOutcome {
             read_seq: target,
             moved: Some(ReadMoved {
@@ -1228,8 +1237,14 @@ impl Store for SqliteStore {
         self.write(move |w, d| w.send(input, d))
     }
 
-    fn mark_read(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<ReadOutcome> {
-        self.write(move |w, d| w.read(user, conv, seq, d))
+    fn mark_read(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        seq: u64,
+        origin: Option<Origin>,
+    ) -> StoreFut<ReadOutcome> {
+        self.write(move |w, d| w.read(user, conv, seq, origin, d))
     }
 
     fn mark_delivered(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<(u64, UserId)> {
