@@ -225,7 +225,7 @@ pub async fn read(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
         shard: ctx.id,
         conn: conn.id,
     });
-    let out = ctx
+    let read_seq = ctx
         .shared
         .store
         .mark_read(s.user, ConvId(req.conversation_id), req.seq, origin)
@@ -237,9 +237,7 @@ pub async fn read(ctx: &Rc<ShardCtx>, conn: &Rc<ConnShared>, body: Bytes) -> Api
                 e.into()
             }
         })?;
-    encode(&ReadResponse {
-        read_seq: out.read_seq,
-    })
+    encode(&ReadResponse { read_seq })
 }
 
 fn to_update(pts: u64, ev: UpdateEvent) -> Update {

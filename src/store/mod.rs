@@ -113,22 +113,6 @@ pub struct SendOutcome {
     pub duplicate: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReadOutcome {
-    pub read_seq: u64,
-    /// Set when the mark moved: the peer, and each side's pts for the receipt.
-    pub moved: Option<ReadMoved>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReadMoved {
-    /// The peer of a DIRECT conversation (None for groups: their read marks are not
-    /// pushed to every member).
-    pub peer: Option<UserId>,
-    pub reader_pts: u64,
-    pub peer_pts: u64,
-}
-
 /// One entry of a user's update stream.
 #[derive(Clone, Debug)]
 pub enum UpdateEvent {
@@ -415,15 +399,15 @@ pub trait Store: Send + Sync + 'static {
     fn send_direct(&self, input: SendInput) -> StoreFut<SendOutcome>;
     /// Moves `user`'s read mark in `conv` up to `seq` (clamped to the last seq).
     /// NotFound when the conversation does not exist or `user` is not in it.
-    /// When it moves, the receipt is published with the commit (`origin`, the reading
-    /// connection, is left out of the push).
+    /// Returns the mark after. When it moves, the receipt is published with the commit
+    /// ([`Publication::Read`]; `origin`, the reading connection, is left out of it).
     fn mark_read(
         &self,
         user: UserId,
         conv: ConvId,
         seq: u64,
         origin: Option<Origin>,
-    ) -> StoreFut<ReadOutcome>;
+    ) -> StoreFut<u64>;
     /// Moves `user`'s delivered mark; returns the mark after, and the peer.
     fn mark_delivered(&self, user: UserId, conv: ConvId, seq: u64) -> StoreFut<(u64, UserId)>;
 

@@ -1038,7 +1038,7 @@ impl Writer {
         seq: u64,
         origin: Option<Origin>,
         d: &mut CacheDelta,
-    ) -> Result<ReadOutcome, StoreError> {
+    ) -> Result<u64, StoreError> {
         let c = self.conv(conv)?;
         let current: i64 = self
             .conn
@@ -1052,10 +1052,7 @@ impl Writer {
         let last = self.seq_of(conv)?;
         let target = seq.min(last);
         if target <= current as u64 {
-            return Ok(ReadOutcome {
-                read_seq: current as u64,
-                moved: None,
-            });
+            return Ok(current as u64);
         }
         self.conn
             .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
@@ -1083,14 +1080,7 @@ impl Writer {
             peer: peer.map(|p| (p, peer_pts)),
             origin,
         });
-        Ok(ReadOutcome {
-            read_seq: target,
-            moved: Some(ReadMoved {
-                peer,
-                reader_pts,
-                peer_pts,
-            }),
-        })
+        Ok(target)
     }
 
     fn delivered(
@@ -1243,7 +1233,7 @@ impl Store for SqliteStore {
         conv: ConvId,
         seq: u64,
         origin: Option<Origin>,
-    ) -> StoreFut<ReadOutcome> {
+    ) -> StoreFut<u64> {
         self.write(move |w, d| w.read(user, conv, seq, origin, d))
     }
 
