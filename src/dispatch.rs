@@ -12,6 +12,7 @@
 //! conversation's messages in seq order, whatever shards the senders were on, and its
 //! user's stream events (messages, read receipts) in pts order.
 
+use crate::handlers::push_frame;
 use crate::ids::{ConnId, UserId};
 use crate::server::Shared;
 use crate::shard::ShardMsg;
@@ -125,12 +126,13 @@ impl Batches<'_> {
                     seq,
                 };
                 let push = |pts| {
-                    let body = mychat_proto::ReceiptPush {
-                        receipt: Some(receipt),
-                        pts,
-                    }
-                    .encode_to_vec();
-                    mychat_codec::frame_bytes(Header::push(Command::ReceiptPush.id()), &body)
+                    push_frame(
+                        Command::ReceiptPush,
+                        &mychat_proto::ReceiptPush {
+                            receipt: Some(receipt),
+                            pts,
+                        },
+                    )
                 };
                 if let Some((peer, peer_pts)) = peer {
                     self.for_user(peer, &push(peer_pts), None);
