@@ -214,6 +214,9 @@ DROP TABLE unread;
 
 const UPDATE_MESSAGE: i64 = 1;
 const UPDATE_READ: i64 = 2;
+/// One device row (read by `device_row`).
+const DEVICE_BY_KEY: &str =
+    "SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2";
 const CONV_DIRECT: i64 = 1;
 /// Bound on the writer's caches; past it they are dropped and refilled lazily.
 const CACHE_MAX: usize = 1 << 20;
@@ -731,7 +734,7 @@ impl Writer {
         )
         .and_then(|mut s| s.execute(params![user.0 as i64, device, platform as i64, now]))
         .map_err(internal)?;
-        c.prepare_cached("SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2")
+        c.prepare_cached(DEVICE_BY_KEY)
             .and_then(|mut s| s.query_row(params![user.0 as i64, device], device_row))
             .map_err(internal)
     }
@@ -746,8 +749,11 @@ impl Writer {
     ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError> {
         let c = &self.conn;
         let dev = c
-            .prepare_cached("SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2")
-            .and_then(|mut s| s.query_row(params![user.0 as i64, device], device_row).optional())
+            .prepare_cached(DEVICE_BY_KEY)
+            .and_then(|mut s| {
+                s.query_row(params![user.0 as i64, device], device_row)
+                    .optional()
+            })
             .map_err(internal)?;
         let Some(mut dev) = dev.filter(|d| d.token_epoch == epoch) else {
             return Ok(None);
@@ -1184,8 +1190,11 @@ impl Store for SqliteStore {
 
     fn device(&self, user: UserId, device_id: String) -> StoreFut<Option<DeviceRecord>> {
         self.read(move |c| {
-            c.prepare_cached("SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2")
-                .and_then(|mut s| s.query_row(params![user.0 as i64, device_id], device_row).optional())
+            c.prepare_cached(DEVICE_BY_KEY)
+                .and_then(|mut s| {
+                    s.query_row(params![user.0 as i64, device_id], device_row)
+                        .optional()
+                })
                 .map_err(read_err)
         })
     }
