@@ -282,6 +282,7 @@ async fn receipts_flow_back_to_the_sender() {
     let (b, _) = s.login("bob", "b", Platform::Desktop).await;
     let (b2, _) = s.login("bob", "b2", Platform::Mobile).await;
     let mut ap = a.take_pushes().unwrap();
+    let mut bp = b.take_pushes().unwrap();
     let mut b2p = b2.take_pushes().unwrap();
     let ack1 = a.send_text(bob, "one").await.unwrap();
     let ack2 = a.send_text(bob, "two").await.unwrap();
@@ -317,6 +318,10 @@ async fn receipts_flow_back_to_the_sender() {
         Push::Receipt(r) => assert_eq!(r.receipt.unwrap().seq, 1),
         p => panic!("{p:?}"),
     }
+    // The reading connection itself gets the two messages and no receipt of its read.
+    next_message(&mut bp).await;
+    next_message(&mut bp).await;
+    no_push(&mut bp, 200).await;
     // A read mark never moves back; past the end it is clamped.
     assert_eq!(b.read(conv, 0).await.unwrap(), 1);
     assert_eq!(b.read(conv, 99).await.unwrap(), 2);
