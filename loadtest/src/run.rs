@@ -760,13 +760,7 @@ pub async fn pace(
             } else if offsets.is_empty() {
                 (u + 1 + rng.random_range(0..s.users - 1)) % s.users
             } else {
-                let k = rng.random_range(0..offsets.len() * 2);
-                let off = offsets[k / 2];
-                if k % 2 == 0 {
-                    (u + off) % s.users
-                } else {
-                    (u + s.users - off) % s.users
-                }
+                s.contact(&offsets, u, rng.random_range(0..offsets.len() * 2))
             };
             // MyChat: the recipient's devices and the sender's other devices.
             let expected = if nats {

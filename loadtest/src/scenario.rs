@@ -239,6 +239,16 @@ impl Scenario {
         out
     }
 
+    /// User `u`'s contact number `k` (0 .. 2 × offsets): u + offset, u - offset.
+    pub fn contact(&self, offsets: &[usize], u: usize, k: usize) -> usize {
+        let off = offsets[k / 2];
+        if k.is_multiple_of(2) {
+            (u + off) % self.users
+        } else {
+            (u + self.users - off) % self.users
+        }
+    }
+
     /// Whether user `u` is one of the stalled ones.
     pub fn is_stalled(&self, u: usize) -> bool {
         (u as f64) < (self.users as f64 * self.faults.stall_share).ceil()
@@ -275,8 +285,8 @@ mod tests {
         assert_eq!(offs, s.contact_offsets());
         assert_eq!(offs.len(), 10);
         let peers = |u: usize| -> std::collections::BTreeSet<usize> {
-            offs.iter()
-                .flat_map(|o| [(u + o) % 1000, (u + 1000 - o) % 1000])
+            (0..offs.len() * 2)
+                .map(|k| s.contact(&offs, u, k))
                 .collect()
         };
         for u in [0, 1, 499, 999] {
