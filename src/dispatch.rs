@@ -12,13 +12,13 @@
 //! conversation's messages in seq order, whatever shards the senders were on, and its
 //! user's stream events (messages, read receipts) in pts order.
 
+use crate::batchq::Receiver;
 use crate::handlers::push_frame;
 use crate::ids::{ConnId, UserId};
 use crate::server::Shared;
 use crate::shard::ShardMsg;
 use crate::store::{Origin, Publication};
 use bytes::Bytes;
-use crossbeam_channel::Receiver;
 use mychat_codec::Header;
 use mychat_proto::Command;
 use prost::Message as _;

@@ -35,6 +35,7 @@
 //!   start-up and in `main`.
 
 pub mod auth;
+pub mod batchq;
 pub mod conn;
 pub mod directory;
 pub mod dispatch;

@@ -76,7 +76,7 @@ pub struct ServerHandle {
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     /// To stop the dispatcher (an empty batch) once the store is flushed.
-    dispatch_tx: crossbeam_channel::Sender<Vec<crate::store::Publication>>,
+    dispatch_tx: crate::batchq::Sender<Vec<crate::store::Publication>>,
     shared: Arc<Shared>,
     stop_accept: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -214,7 +214,7 @@ pub fn start(cfg: Config) -> anyhow::Result<ServerHandle> {
                 .spawn(move || shard::run(ShardId(i), sh, rx))?,
         );
     }
-    let (dispatch_tx, dispatch_rx) = crossbeam_channel::bounded(crate::dispatch::QUEUE);
+    let (dispatch_tx, dispatch_rx) = crate::batchq::bounded(crate::dispatch::QUEUE);
     let publish_tx = dispatch_tx.clone();
     shared.store.set_publisher(Arc::new(move |pubs| {
         // Blocks the writer while the dispatcher is behind: back-pressure.

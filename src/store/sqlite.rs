@@ -45,7 +45,7 @@
 //! is fsynced, and an acknowledged write survives kill -9 and power loss.
 
 use super::*;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crate::batchq::{Receiver, Sender, TrySendError};
 use mychat_proto::Message;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::collections::HashMap;
@@ -244,7 +244,10 @@ enum WriteOp {
 /// The embedded store. Cheap to share (`Arc`).
 pub struct SqliteStore {
     writes: Sender<WriteOp>,
-    readers: (Sender<Connection>, Receiver<Connection>),
+    readers: (
+        crossbeam_channel::Sender<Connection>,
+        crossbeam_channel::Receiver<Connection>,
+    ),
     closing: Arc<AtomicBool>,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     checkpointer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -300,7 +303,7 @@ impl SqliteStore {
             let r = open(&path, true, cfg.cache_mib, cfg.mmap_mib)?;
             rtx.send(r).map_err(internal)?;
         }
-        let (wtx, wrx) = crossbeam_channel::bounded(cfg.write_queue);
+        let (wtx, wrx) = crate::batchq::bounded(cfg.write_queue);
         let closing = Arc::new(AtomicBool::new(false));
         let max_batch = cfg.max_batch;
         let publisher: Arc<parking_lot::RwLock<Option<Publisher>>> =
