@@ -55,6 +55,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+pub mod pcache;
 mod social;
 mod walbuf;
 
@@ -272,6 +273,10 @@ fn open(
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
+    // Before anything initializes SQLite (the VFS registration does).
+    if !pcache::install() {
+        tracing::debug!("SQLite was initialized before the store: its default page cache stays");
+    }
     walbuf::register().map_err(StoreError::Internal)?;
     let c = Connection::open_with_flags_and_vfs(path, flags, walbuf::VFS_NAME).map_err(internal)?;
     c.busy_timeout(Duration::from_secs(10)).map_err(internal)?;
