@@ -6,7 +6,8 @@
 # OUT_DIR (default /tmp/mychat-bench).
 #   scripts/bench.sh [ROW ...]      rows: idle login oto oto-light sat sat-any groups groups-half
 #   RUNS=3 DATA=/tmp/mychat-bench-data PORT=7400 NATS=nats://127.0.0.1:4222
-#   OTO_LIGHT_RATE=5000 (one-to-one below capacity) GROUP_HALF_RATE=1600
+#   OTO_LIGHT_RATE=5000 (one-to-one below capacity) GROUP_HALF_RATE (default: half the
+#   median msgs/s of the groups runs in OUT_DIR, so run `groups` first; else 1600)
 # Build first: cargo build --release -p mychat -p mychat-loadtest
 # The server runs with cheap password hashing (only the first run's setup hashes) and
 # the per-address limits lifted: every simulated user comes from 127.0.0.1.
@@ -52,7 +53,13 @@ for row in "${ROWS[@]}"; do
     sat) run_row sat --scenario config/loadtest/saturate-10k.toml --baseline "$NATS" ;;
     sat-any) run_row sat-any --scenario config/loadtest/saturate-10k.toml --contacts 0 ;;
     groups) run_row groups --scenario config/loadtest/groups.toml ;;
-    groups-half) run_row groups-half --scenario config/loadtest/groups.toml --mode open --rate "${GROUP_HALF_RATE:-1600}" ;;
+    groups-half)
+      half="${GROUP_HALF_RATE:-}"
+      if [ -z "$half" ] && ls "$OUT_DIR"/groups-[0-9]*.json >/dev/null 2>&1; then
+        half=$(python3 -c 'import json,sys,statistics; print(round(statistics.median(json.load(open(f))["msgs_per_sec"] for f in sys.argv[1:]) / 2))' "$OUT_DIR"/groups-[0-9]*.json)
+      fi
+      echo "groups-half at ${half:-1600} msgs/s"
+      run_row groups-half --scenario config/loadtest/groups.toml --mode open --rate "${half:-1600}" ;;
     *) echo "unknown row $row"; exit 2 ;;
   esac
 done
