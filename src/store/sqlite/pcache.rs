@@ -41,10 +41,21 @@ use std::sync::OnceLock;
 const PENDING_BYTE: u32 = 0x4000_0000;
 
 /// Our cache: SQLite's, and the key this cache's locking page is stored under.
+#[repr(C)]
 struct Cache {
+    /// [`MAGIC`]: tells our caches from SQLite's own (below).
+    magic: u64,
     inner: *mut ffi::sqlite3_pcache,
     lock_key: c_uint,
 }
+
+/// Marks our caches. `sqlite3_config` is not thread-safe: if another thread of the
+/// process initialized SQLite and opened a connection in the instant between our
+/// check and our install, that connection's cache is SQLite's own, made before our
+/// methods were in place, and our methods would then be handed it. Its first word is
+/// a pointer (pcache1's group), never this non-canonical address, so such a cache is
+/// passed to SQLite's methods untouched.
+const MAGIC: u64 = 0xfeed_6d79_6368_6174;
 
 struct Base(ffi::sqlite3_pcache_methods2);
 // SAFETY: function pointers and SQLite's static argument, never freed or mutated.
@@ -115,12 +126,26 @@ fn base() -> &'static ffi::sqlite3_pcache_methods2 {
     }
 }
 
-unsafe fn cache<'a>(p: *mut ffi::sqlite3_pcache) -> &'a Cache {
-    &*(p as *const Cache)
+/// SQLite's cache behind `p`, and the key its locking page is stored under.
+unsafe fn cache(p: *mut ffi::sqlite3_pcache) -> Cache {
+    let ours = p as *const Cache;
+    if (*ours).magic == MAGIC {
+        Cache {
+            magic: MAGIC,
+            inner: (*ours).inner,
+            lock_key: (*ours).lock_key,
+        }
+    } else {
+        Cache {
+            magic: 0,
+            inner: p,
+            lock_key: 0, // key 0 is never asked for: no redirect
+        }
+    }
 }
 
 fn key(c: &Cache, k: c_uint) -> c_uint {
-    if k == c.lock_key {
+    if k == c.lock_key && k != 0 {
         REDIRECTED.fetch_add(1, Ordering::Relaxed);
         0
     } else {
@@ -142,7 +167,11 @@ unsafe extern "C" fn x_create(
     } else {
         c_uint::MAX
     };
-    Box::into_raw(Box::new(Cache { inner, lock_key })) as *mut ffi::sqlite3_pcache
+    Box::into_raw(Box::new(Cache {
+        magic: MAGIC,
+        inner,
+        lock_key,
+    })) as *mut ffi::sqlite3_pcache
 }
 
 unsafe extern "C" fn x_cachesize(p: *mut ffi::sqlite3_pcache, n: c_int) {
@@ -159,7 +188,7 @@ unsafe extern "C" fn x_fetch(
     create: c_int,
 ) -> *mut ffi::sqlite3_pcache_page {
     let c = cache(p);
-    (base().xFetch.unwrap())(c.inner, key(c, k), create)
+    (base().xFetch.unwrap())(c.inner, key(&c, k), create)
 }
 
 unsafe extern "C" fn x_unpin(
@@ -177,7 +206,7 @@ unsafe extern "C" fn x_rekey(
     new: c_uint,
 ) {
     let c = cache(p);
-    (base().xRekey.unwrap())(c.inner, page, key(c, old), key(c, new))
+    (base().xRekey.unwrap())(c.inner, page, key(&c, old), key(&c, new))
 }
 
 unsafe extern "C" fn x_truncate(p: *mut ffi::sqlite3_pcache, limit: c_uint) {
@@ -185,10 +214,41 @@ unsafe extern "C" fn x_truncate(p: *mut ffi::sqlite3_pcache, limit: c_uint) {
 }
 
 unsafe extern "C" fn x_destroy(p: *mut ffi::sqlite3_pcache) {
-    let c = Box::from_raw(p as *mut Cache);
-    (base().xDestroy.unwrap())(c.inner)
+    let c = cache(p);
+    (base().xDestroy.unwrap())(c.inner);
+    if c.magic == MAGIC {
+        drop(Box::from_raw(p as *mut Cache));
+    }
 }
 
 unsafe extern "C" fn x_shrink(p: *mut ffi::sqlite3_pcache) {
     (base().xShrink.unwrap())(cache(p).inner)
+}
+
+/// For tests: a cache made by SQLite's own `xCreate` (as in the install race above),
+/// handed to our methods, behaves as SQLite's: a page fetched, counted, truncated,
+/// and the cache destroyed without being taken for ours. False if the cache is not
+/// installed or a step misbehaves.
+#[doc(hidden)]
+pub fn foreign_cache_passes_through() -> bool {
+    let Some(Some(b)) = BASE.get() else {
+        return false;
+    };
+    unsafe {
+        let p = (b.0.xCreate.unwrap())(1024, 64, 1);
+        if p.is_null() {
+            return false;
+        }
+        x_cachesize(p, 100);
+        let page = x_fetch(p, 5, 2);
+        let fetched = !page.is_null();
+        let counted = x_pagecount(p) == 1;
+        if fetched {
+            x_unpin(p, page, 0);
+        }
+        x_truncate(p, 1);
+        let dropped = x_pagecount(p) == 0;
+        x_destroy(p);
+        fetched && counted && dropped
+    }
 }
