@@ -174,6 +174,33 @@ impl<T> Receiver<T> {
         }
     }
 
+    /// Moves up to `max` (at least 1) of the oldest items to `out` under one lock,
+    /// waiting as `recv` does until there is one; fails once every sender is gone and
+    /// the queue is empty. The writer takes its batch this way: one lock per batch on
+    /// its side instead of one per write.
+    pub fn recv_batch(&self, out: &mut Vec<T>, max: usize) -> Result<usize, RecvError> {
+        let mut s = self.q.state.lock();
+        loop {
+            if !s.items.is_empty() {
+                let n = s.items.len().min(max.max(1));
+                out.extend(s.items.drain(..n));
+                let wake = s.tx_waiting;
+                drop(s);
+                // Room for up to n waiting senders.
+                for _ in 0..n.min(wake) {
+                    self.q.not_full.notify_one();
+                }
+                return Ok(n);
+            }
+            if s.senders == 0 {
+                return Err(RecvError);
+            }
+            s.rx_waiting = true;
+            self.q.not_empty.wait(&mut s);
+            s.rx_waiting = false;
+        }
+    }
+
     /// The oldest item if there is one.
     pub fn try_recv(&self) -> Result<T, TryRecvError> {
         let mut s = self.q.state.lock();
@@ -224,6 +251,34 @@ mod tests {
         assert_eq!(rx.try_recv(), Ok(2));
         assert_eq!(rx.try_recv(), Ok(4));
         assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_up_to_max_and_frees_room_for_waiting_senders() {
+        let (tx, rx) = bounded(3);
+        for i in 0..3 {
+            tx.try_send(i).unwrap();
+        }
+        let waiting: Vec<_> = (3..5)
+            .map(|i| {
+                let tx = tx.clone();
+                std::thread::spawn(move || tx.send(i))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50)); // both senders wait for room
+        let mut out = Vec::new();
+        assert_eq!(rx.recv_batch(&mut out, 2), Ok(2));
+        assert_eq!(out, vec![0, 1]);
+        for w in waiting {
+            assert_eq!(w.join().unwrap(), Ok(()));
+        }
+        out.clear();
+        assert_eq!(rx.recv_batch(&mut out, 0), Ok(1)); // max 0 counts as 1
+        assert_eq!(rx.recv_batch(&mut out, 10), Ok(2));
+        out.sort(); // the two senders raced each other
+        assert_eq!(out, vec![2, 3, 4]);
+        drop(tx);
+        assert_eq!(rx.recv_batch(&mut out, 10), Err(RecvError));
     }
 
     #[test]

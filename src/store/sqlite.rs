@@ -583,18 +583,21 @@ impl Writer {
         let mut batch = Vec::with_capacity(max_batch);
         let mut stop = false;
         let mut last_checkpoint = std::time::Instant::now();
+        let mut taken = Vec::with_capacity(max_batch);
         while !stop {
-            let Ok(first) = rx.recv() else { break };
-            let mut next = Some(first);
-            while let Some(op) = next.take() {
+            // Whatever is queued, up to a batch, under one lock of the queue.
+            if rx.recv_batch(&mut taken, max_batch).is_err() {
+                break;
+            }
+            for op in taken.drain(..) {
                 if matches!(op, WriteOp::Stop) {
+                    // Anything queued behind it is dropped: its caller sees the
+                    // writer gone (nothing is queued after Stop but a write racing
+                    // the shutdown, which is refused either way).
                     stop = true;
                     break;
                 }
                 batch.push(op);
-                if batch.len() < max_batch {
-                    next = rx.try_recv().ok();
-                }
             }
             if !batch.is_empty() {
                 self.commit_batch(&mut batch);
