@@ -156,15 +156,11 @@ impl<T> Drop for Sender<T> {
 }
 
 impl<T> Receiver<T> {
-    /// The oldest item, waiting (parked, not spinning) until there is one; fails once
-    /// every sender is gone and the queue is empty.
-    pub fn recv(&self) -> Result<T, RecvError> {
+    /// The queue, locked, once it holds an item: the receiver parks (it does not spin)
+    /// until then. Fails once every sender is gone and the queue is empty.
+    fn ready(&self) -> Result<parking_lot::MutexGuard<'_, State<T>>, RecvError> {
         let mut s = self.q.state.lock();
-        loop {
-            if let Some(item) = s.items.pop_front() {
-                self.made_room(s);
-                return Ok(item);
-            }
+        while s.items.is_empty() {
             if s.senders == 0 {
                 return Err(RecvError);
             }
@@ -172,33 +168,28 @@ impl<T> Receiver<T> {
             self.q.not_empty.wait(&mut s);
             s.rx_waiting = false;
         }
+        Ok(s)
+    }
+
+    /// The oldest item, waiting until there is one; fails once every sender is gone
+    /// and the queue is empty.
+    pub fn recv(&self) -> Result<T, RecvError> {
+        let mut s = self.ready()?;
+        let item = s.items.pop_front().expect("ready() holds an item");
+        self.made_room(s, 1);
+        Ok(item)
     }
 
     /// Moves up to `max` (at least 1) of the oldest items to `out` under one lock,
-    /// waiting as `recv` does until there is one; fails once every sender is gone and
-    /// the queue is empty. The writer takes its batch this way: one lock per batch on
-    /// its side instead of one per write.
+    /// waiting as `recv` does until there is one; fails as `recv` does. The writer
+    /// takes its batch this way: one lock per batch on its side instead of one per
+    /// write.
     pub fn recv_batch(&self, out: &mut Vec<T>, max: usize) -> Result<usize, RecvError> {
-        let mut s = self.q.state.lock();
-        loop {
-            if !s.items.is_empty() {
-                let n = s.items.len().min(max.max(1));
-                out.extend(s.items.drain(..n));
-                let wake = s.tx_waiting;
-                drop(s);
-                // Room for up to n waiting senders.
-                for _ in 0..n.min(wake) {
-                    self.q.not_full.notify_one();
-                }
-                return Ok(n);
-            }
-            if s.senders == 0 {
-                return Err(RecvError);
-            }
-            s.rx_waiting = true;
-            self.q.not_empty.wait(&mut s);
-            s.rx_waiting = false;
-        }
+        let mut s = self.ready()?;
+        let n = s.items.len().min(max.max(1));
+        out.extend(s.items.drain(..n));
+        self.made_room(s, n);
+        Ok(n)
     }
 
     /// The oldest item if there is one.
@@ -206,7 +197,7 @@ impl<T> Receiver<T> {
         let mut s = self.q.state.lock();
         match s.items.pop_front() {
             Some(item) => {
-                self.made_room(s);
+                self.made_room(s, 1);
                 Ok(item)
             }
             None if s.senders == 0 => Err(TryRecvError::Disconnected),
@@ -214,10 +205,11 @@ impl<T> Receiver<T> {
         }
     }
 
-    fn made_room(&self, s: parking_lot::MutexGuard<'_, State<T>>) {
-        let wake = s.tx_waiting > 0;
+    /// `n` items were taken: wakes up to `n` senders waiting for room.
+    fn made_room(&self, s: parking_lot::MutexGuard<'_, State<T>>, n: usize) {
+        let wake = s.tx_waiting.min(n);
         drop(s);
-        if wake {
+        for _ in 0..wake {
             self.q.not_full.notify_one();
         }
     }
