@@ -5,7 +5,10 @@
 //! 1,000 users, as the chat load would write it.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mychat::ids::UserId;
-use mychat::store::{sqlite::SqliteStore, SendInput, Store};
+use mychat::store::{sqlite::SqliteStore, Store};
+
+#[path = "../tests/support/direct_sends.rs"]
+mod direct_sends;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -40,31 +43,8 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("in_flight_{k}"), |b| {
             b.iter(|| {
                 rt.block_on(async {
-                    let mut futs = Vec::with_capacity(k);
-                    for _ in 0..k {
-                        let n = counter.fetch_add(1, Ordering::Relaxed);
-                        let a = users[(n % 1000) as usize];
-                        let b = users[((n * 7 + 1) % 1000) as usize];
-                        let b = if a == b {
-                            users[((n + 1) % 1000) as usize]
-                        } else {
-                            b
-                        };
-                        futs.push(store.send_direct(SendInput {
-                            sender: a,
-                            recipient: b,
-                            client_msg_id: format!("c{n}"),
-                            kind: 1,
-                            text: text.clone(),
-                            payload: bytes::Bytes::new(),
-                            now_ms: n as i64,
-                            require_friend: false,
-                            origin: None,
-                        }));
-                    }
-                    for f in futs {
-                        f.await.unwrap();
-                    }
+                    let first = counter.fetch_add(k as u64, Ordering::Relaxed);
+                    direct_sends::send_round(store.as_ref(), &users, first, k as u64, &text).await
                 })
             })
         });

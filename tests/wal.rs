@@ -3,8 +3,10 @@
 //! stopped first, so the writer's last checkpoint is never refused for a pass of its
 //! (a refused one left the whole WAL for the next start to read).
 
-use mychat::ids::UserId;
-use mychat::store::{sqlite::SqliteStore, SendInput, Store};
+use mychat::store::{sqlite::SqliteStore, Store};
+
+#[path = "support/direct_sends.rs"]
+mod direct_sends;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,31 +31,8 @@ async fn a_clean_stop_under_writes_leaves_no_wal() {
         let start = Instant::now();
         let mut n = 0u64;
         while start.elapsed() < Duration::from_millis(1500) {
-            let mut futs = Vec::new();
-            for _ in 0..128 {
-                n += 1;
-                let a: UserId = users[(n % 100) as usize];
-                let b: UserId = users[((n * 7 + 1) % 100) as usize];
-                let b = if a == b {
-                    users[((n + 1) % 100) as usize]
-                } else {
-                    b
-                };
-                futs.push(store.send_direct(SendInput {
-                    sender: a,
-                    recipient: b,
-                    client_msg_id: format!("c{n}"),
-                    kind: 1,
-                    text: text.clone(),
-                    payload: bytes::Bytes::new(),
-                    now_ms: n as i64,
-                    require_friend: false,
-                    origin: None,
-                }));
-            }
-            for f in futs {
-                f.await.unwrap();
-            }
+            direct_sends::send_round(store.as_ref(), &users, n, 128, &text).await;
+            n += 128;
         }
         store.shutdown().await.unwrap();
         let wal = dir.path().join("mychat.db-wal");
