@@ -304,6 +304,8 @@ pub struct StoreConfig {
     pub read_connections: usize,
     pub cache_mib: u32,
     pub mmap_mib: u32,
+    pub stream_log_rows: usize,
+    pub stream_merge_rows: usize,
 }
 
 impl Default for StoreConfig {
@@ -315,6 +317,8 @@ impl Default for StoreConfig {
             read_connections: 4,
             cache_mib: 64,
             mmap_mib: 1024,
+            stream_log_rows: 65_536,
+            stream_merge_rows: 2_048,
         }
     }
 }
@@ -715,6 +719,8 @@ impl Config {
         range("store.read_connections", st.read_connections, 1, 256)?;
         range("store.cache_mib", st.cache_mib, 1, 1 << 16)?;
         range("store.mmap_mib", st.mmap_mib, 0, 1 << 20)?;
+        range("store.stream_log_rows", st.stream_log_rows, 1, 1 << 24)?;
+        range("store.stream_merge_rows", st.stream_merge_rows, 1, 1 << 20)?;
         if self.log.level.trim().is_empty() {
             return Err(key_err("log.level", "must not be empty"));
         }

@@ -34,6 +34,9 @@
 //!   only writer, so the caches are exact. A write's changes go to a batch overlay when
 //!   its savepoint is released (later writes of the batch read through it), into the
 //!   caches when the batch commits, and are dropped whole if the commit fails;
+//! - users' update-stream events go to an append-only log table and an in-memory copy
+//!   of it, and are merged into the per-user index many at a time, between batches
+//!   (the `recent` module says why and how readers stay exact);
 //! - reads run on the caller runtime's blocking pool with a pooled read-only connection
 //!   (WAL: readers never wait for the writer and see every committed write);
 //! - a checkpointer thread runs PASSIVE WAL checkpoints every 200 ms, so the ack path
@@ -56,6 +59,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 pub mod pcache;
+mod recent;
 mod social;
 mod walbuf;
 
@@ -211,6 +215,21 @@ CREATE TABLE hidden(
 -- conversations from the read marks (members) and each conversation's last seq.
 DROP TABLE unread;
 "#,
+    r#"
+-- 4: stream events are appended here first and merged into updates in (user, pts)
+-- order, many at a time (see the recent module).
+CREATE TABLE updates_log(
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL,
+    pts INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    conv_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    msg_id INTEGER NOT NULL,
+    actor INTEGER NOT NULL,
+    data TEXT NOT NULL DEFAULT ''
+);
+"#,
 ];
 
 const UPDATE_MESSAGE: i64 = 1;
@@ -254,6 +273,8 @@ pub struct SqliteStore {
     checkpointer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
     publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
+    /// Stream events logged and committed but not merged into `updates` yet.
+    recent: Arc<parking_lot::RwLock<recent::Recent>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> StoreError {
@@ -303,6 +324,8 @@ impl SqliteStore {
         w.execute_batch("PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864; PRAGMA foreign_keys=OFF;")
             .map_err(internal)?;
         migrate(&mut w)?;
+        // What a previous run left in the stream log (all of it after a crash).
+        merge_all(&w)?;
         let (rtx, rrx) = crossbeam_channel::bounded(cfg.read_connections);
         for _ in 0..cfg.read_connections {
             let r = open(&path, true, cfg.cache_mib, cfg.mmap_mib)?;
@@ -314,13 +337,16 @@ impl SqliteStore {
         let publisher: Arc<parking_lot::RwLock<Option<Publisher>>> =
             Arc::new(parking_lot::RwLock::new(None));
         let wpub = publisher.clone();
+        let recent = Arc::new(parking_lot::RwLock::new(recent::Recent::default()));
+        let wrecent = recent.clone();
+        let wcfg = cfg.clone();
         // Set by the writer while it waits to finish a checkpoint; the checkpointer
         // starts no pass meanwhile.
         let finish_wanted = Arc::new(AtomicBool::new(false));
         let finish = finish_wanted.clone();
         let writer = std::thread::Builder::new()
             .name("mychat-store-writer".into())
-            .spawn(move || Writer::new(w, wpub).run(wrx, max_batch, finish))
+            .spawn(move || Writer::new(w, wpub, wrecent, &wcfg).run(wrx, max_batch, finish))
             .map_err(internal)?;
         let cp_conn = open(&path, false, 1, 0)?;
         let cp_closing = closing.clone();
@@ -362,6 +388,7 @@ impl SqliteStore {
             checkpointer: parking_lot::Mutex::new(Some(checkpointer)),
             path,
             publisher,
+            recent,
         }))
     }
 
@@ -425,6 +452,24 @@ impl SqliteStore {
             .map_err(internal)?
         })
     }
+}
+
+/// Moves every event of the stream log into `updates` and empties the log, in one
+/// transaction. A merge step that committed before a crash left its events in both:
+/// `OR IGNORE` keeps the copy already there (the same row).
+fn merge_all(c: &Connection) -> Result<(), StoreError> {
+    c.execute_batch(
+        "BEGIN IMMEDIATE;
+         INSERT OR IGNORE INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor, data)
+             SELECT user_id, pts, kind, conv_id, seq, msg_id, actor, data FROM updates_log
+             ORDER BY user_id, pts;
+         DELETE FROM updates_log;
+         COMMIT;",
+    )
+    .map_err(|e| {
+        let _ = c.execute_batch("ROLLBACK");
+        internal(e)
+    })
 }
 
 fn migrate(c: &mut Connection) -> Result<(), StoreError> {
@@ -538,10 +583,24 @@ struct Writer {
     /// Messages of the batch being built, to publish once it commits.
     publications: Vec<Publication>,
     publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
+    recent: Arc<parking_lot::RwLock<recent::Recent>>,
+    /// Stream events of the released writes of the batch being built.
+    batch_updates: Vec<(UserId, recent::Entry)>,
+    /// The merge under way: (its start, the last user moved so far).
+    merge: Option<(i64, Option<UserId>)>,
+    /// After a failed merge step, none is tried before this.
+    merge_pause: Option<std::time::Instant>,
+    stream_log_rows: usize,
+    stream_merge_rows: usize,
+    /// The next stream log row id. Assigned here, not by SQLite: a merge deletes the
+    /// log's rows up to where it started, and SQLite would hand out ids from the
+    /// largest left, reusing deleted ones once the log is empty; a merge compares ids
+    /// with its start, so they must only grow.
+    next_log_id: i64,
 }
 
-/// One row of the `updates` table, minus its user and pts.
-#[derive(Clone, Copy)]
+/// One row of the `updates` table, minus its user, pts and text.
+#[derive(Clone, Copy, Debug)]
 struct StreamEvent {
     kind: i64,
     conv: ConvId,
@@ -556,6 +615,8 @@ struct CacheDelta {
     seqs: Vec<(ConvId, u64)>,
     pts: Vec<(UserId, u64)>,
     pair: Option<ConvRecord>,
+    /// Stream events logged by the write, for [`recent::Recent`] once committed.
+    updates: Vec<(UserId, recent::Entry)>,
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -563,8 +624,26 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 }
 
 impl Writer {
-    fn new(conn: Connection, publisher: Arc<parking_lot::RwLock<Option<Publisher>>>) -> Writer {
+    fn new(
+        conn: Connection,
+        publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
+        recent: Arc<parking_lot::RwLock<recent::Recent>>,
+        cfg: &mychat_config::StoreConfig,
+    ) -> Writer {
         Writer {
+            recent,
+            batch_updates: Vec::new(),
+            merge: None,
+            merge_pause: None,
+            stream_log_rows: cfg.stream_log_rows,
+            stream_merge_rows: cfg.stream_merge_rows,
+            next_log_id: conn
+                .query_row(
+                    "SELECT COALESCE(MAX(id), 0) + 1 FROM updates_log",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap_or(1),
             conn,
             last_seq: HashMap::new(),
             last_pts: HashMap::new(),
@@ -602,6 +681,7 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit_batch(&mut batch);
             }
+            self.merge_step();
             // Finish the checkpoint from here, between batches, once a second: the
             // checkpointer thread copies most frames off the ack path, but under steady
             // writes it never catches the writer (new frames land while it copies), so
@@ -628,7 +708,12 @@ impl Writer {
                 }
             }
         }
-        // Shutting down: fold the WAL back into the database file.
+        // Shutting down: merge the stream log, then fold the WAL back into the
+        // database file.
+        match merge_all(&self.conn) {
+            Ok(()) => self.recent.write().clear(),
+            Err(e) => tracing::error!(error = %e, "store: cannot merge the stream log"),
+        }
         let _ = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
@@ -652,6 +737,7 @@ impl Writer {
         self.batch_seq.clear();
         self.batch_pts.clear();
         self.pairs_pending.clear();
+        self.batch_updates.clear();
         for op in batch.drain(..) {
             let WriteOp::Job(job) = op else { continue };
             if self.exec_cached("SAVEPOINT op").is_err() {
@@ -665,6 +751,7 @@ impl Writer {
                 let _ = self.exec_cached("RELEASE op");
                 self.batch_seq.extend(delta.seqs);
                 self.batch_pts.extend(delta.pts);
+                self.batch_updates.extend(delta.updates);
                 if let Some(c) = delta.pair {
                     self.pairs_pending.insert((c.user_a, c.user_b), c);
                 }
@@ -696,6 +783,11 @@ impl Writer {
                 self.last_seq.extend(self.batch_seq.drain());
                 self.last_pts.extend(self.batch_pts.drain());
                 self.pairs.extend(self.pairs_pending.drain());
+                // Before anyone hears of the commit: a device that is pushed an event
+                // and syncs must find it.
+                if !self.batch_updates.is_empty() {
+                    self.recent.write().add(self.batch_updates.drain(..));
+                }
                 // Publish in commit order, then answer: a pushed message is durable.
                 let pubs = std::mem::take(&mut self.publications);
                 if !pubs.is_empty() {
@@ -713,6 +805,7 @@ impl Writer {
                 self.batch_seq.clear();
                 self.batch_pts.clear();
                 self.pairs_pending.clear();
+                self.batch_updates.clear();
                 self.last_pts.clear();
                 self.last_seq.clear();
                 self.pairs.clear();
@@ -889,6 +982,10 @@ impl Writer {
         if let Some(p) = self.last_pts.get(&u) {
             return Ok(*p);
         }
+        // Logged events are newer than any merged one.
+        if let Some(p) = self.recent.read().last_pts(u) {
+            return Ok(p);
+        }
         let p: i64 = self
             .conn
             .prepare_cached("SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1")
@@ -912,11 +1009,13 @@ impl Writer {
         Ok(s as u64)
     }
 
-    /// Appends an event to `user`'s stream; returns its pts.
+    /// Appends an event (with its text, usually empty) to `user`'s stream; returns its
+    /// pts. It goes to the stream log (see the recent module).
     fn push_update(
         &mut self,
         user: UserId,
         ev: StreamEvent,
+        data: &str,
         d: &mut CacheDelta,
     ) -> Result<u64, StoreError> {
         let StreamEvent {
@@ -928,11 +1027,93 @@ impl Writer {
         } = ev;
         let pts = self.pts_of(user, d)? + 1;
         self.conn
-            .prepare_cached("INSERT INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)")
-            .and_then(|mut s| s.execute(params![user.0 as i64, pts as i64, kind, conv.0 as i64, seq as i64, msg_id as i64, actor.0 as i64]))
+            .prepare_cached("INSERT INTO updates_log(id, user_id, pts, kind, conv_id, seq, msg_id, actor, data) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
+            .and_then(|mut s| s.execute(params![self.next_log_id, user.0 as i64, pts as i64, kind, conv.0 as i64, seq as i64, msg_id as i64, actor.0 as i64, data]))
             .map_err(internal)?;
+        let log_id = self.next_log_id;
+        self.next_log_id += 1;
         d.pts.push((user, pts));
+        d.updates.push((
+            user,
+            recent::Entry {
+                pts,
+                log_id,
+                ev,
+                data: data.to_owned(),
+            },
+        ));
         Ok(pts)
+    }
+
+    /// One step of the stream log's merge, between batches: starts a merge once the
+    /// log holds `stream_log_rows` events, then moves the next `stream_merge_rows` or
+    /// so (whole users, in user order) per call, in a transaction of its own.
+    fn merge_step(&mut self) {
+        if self.merge.is_none() {
+            if self
+                .merge_pause
+                .is_some_and(|t| t > std::time::Instant::now())
+            {
+                return;
+            }
+            let r = self.recent.read();
+            if r.rows() < self.stream_log_rows {
+                return;
+            }
+            self.merge = Some((r.last_log_id(), None));
+        }
+        let Some((upto, after)) = self.merge else {
+            return;
+        };
+        let step = self.recent.read().step(after, upto, self.stream_merge_rows);
+        let r = (|| {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            {
+                let mut ins = self.conn.prepare_cached(
+                    "INSERT INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor, data) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for (u, e) in &step.entries {
+                    let ev = &e.ev;
+                    ins.execute(params![
+                        u.0 as i64,
+                        e.pts as i64,
+                        ev.kind,
+                        ev.conv.0 as i64,
+                        ev.seq as i64,
+                        ev.msg_id as i64,
+                        ev.actor.0 as i64,
+                        e.data
+                    ])?;
+                }
+            }
+            if step.done {
+                self.conn
+                    .prepare_cached("DELETE FROM updates_log WHERE id <= ?1")?
+                    .execute([upto])?;
+            }
+            self.conn.execute_batch("COMMIT")
+        })();
+        match r {
+            Ok(()) => {
+                let mut users: Vec<UserId> = step.entries.iter().map(|(u, _)| *u).collect();
+                users.dedup();
+                self.recent.write().remove_merged(users, upto);
+                self.merge = if step.done {
+                    None
+                } else {
+                    Some((upto, step.last_user))
+                };
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                tracing::error!(error = %e, "store: a stream merge step failed; retrying in a second");
+                // This step's events are still here. A new merge starts over from the
+                // first user; the log rows of the steps that did commit go with its
+                // last step (their events left memory, and are in `updates`).
+                self.merge = None;
+                self.merge_pause = Some(std::time::Instant::now() + Duration::from_secs(1));
+            }
+        }
     }
 
     /// The direct conversation of a and b, created (with both member rows) if needed.
@@ -1035,8 +1216,8 @@ impl Writer {
             msg_id: message.id,
             actor: i.sender,
         };
-        let sender_pts = self.push_update(i.sender, msg_event, d)?;
-        let recipient_pts = self.push_update(i.recipient, msg_event, d)?;
+        let sender_pts = self.push_update(i.sender, msg_event, "", d)?;
+        let recipient_pts = self.push_update(i.recipient, msg_event, "", d)?;
         // Sending implies having read the conversation up to one's own message.
         self.conn
             .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
@@ -1105,12 +1286,12 @@ impl Writer {
             msg_id: 0,
             actor: user,
         };
-        let reader_pts = self.push_update(user, read_event, d)?;
+        let reader_pts = self.push_update(user, read_event, "", d)?;
         let (peer, peer_pts) = if c.is_group() {
             (None, 0)
         } else {
             let peer = c.peer_of(user);
-            (Some(peer), self.push_update(peer, read_event, d)?)
+            (Some(peer), self.push_update(peer, read_event, "", d)?)
         };
         self.publications.push(Publication::Read {
             conv,
@@ -1150,6 +1331,30 @@ impl Writer {
             .and_then(|mut s| s.query_row(params![user.0 as i64, conv.0 as i64], |r| r.get(0)))
             .map_err(internal)?;
         Ok((now as u64, c.peer_of(user)))
+    }
+}
+
+/// A stream row as the sync returns it (`message`: the row's message, for a message
+/// event).
+fn update_event(ev: StreamEvent, data: String, message: Option<Message>) -> UpdateEvent {
+    match (ev.kind, message) {
+        (UPDATE_MESSAGE, Some(m)) => UpdateEvent::Message(m),
+        (UPDATE_READ, _) => UpdateEvent::Read {
+            conv: ev.conv,
+            reader: ev.actor,
+            seq: ev.seq,
+        },
+        (social::UPDATE_FRIEND, _) => UpdateEvent::Friend {
+            kind: ev.seq as i32,
+            user: ev.actor,
+            message: data,
+            time_ms: 0,
+        },
+        _ => UpdateEvent::Group {
+            group: ev.msg_id,
+            conv: ev.conv,
+            member: ev.seq == 1,
+        },
     }
 }
 
@@ -1258,7 +1463,13 @@ impl Store for SqliteStore {
     }
 
     fn user_pts(&self, user: UserId) -> StoreFut<u64> {
+        let recent = self.recent.clone();
         self.read(move |c| {
+            // Logged events are newer than merged ones. With none logged, `updates`
+            // held all of the user's events at that moment, and holds them later.
+            if let Some(p) = recent.read().last_pts(user) {
+                return Ok(p);
+            }
             c.prepare_cached("SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1")
                 .and_then(|mut s| s.query_row([user.0 as i64], |r| r.get::<_, i64>(0)))
                 .map(|p| p as u64)
@@ -1285,7 +1496,10 @@ impl Store for SqliteStore {
     }
 
     fn sync(&self, user: UserId, since_pts: u64, limit: u32) -> StoreFut<SyncPage> {
+        let recent = self.recent.clone();
         self.read(move |c| {
+            // The logged events first, `updates` second (why: the recent module).
+            let logged = recent.read().after(user, since_pts, limit as usize + 1);
             let mut s = c
                 .prepare_cached(&format!(
                     "SELECT u.pts, u.kind, u.conv_id, u.seq, u.actor, u.msg_id, u.data,
@@ -1305,27 +1519,54 @@ impl Store for SqliteStore {
                     if r.get::<_, i64>(7)? != 0 {
                         return Ok((pts, None)); // deleted for this user
                     }
-                    let ev = match kind {
-                        UPDATE_MESSAGE => UpdateEvent::Message(message_at(r, 8)?),
-                        UPDATE_READ => UpdateEvent::Read { conv, reader: actor, seq },
-                        social::UPDATE_FRIEND => UpdateEvent::Friend {
-                            kind: seq as i32,
-                            user: actor,
-                            message: r.get(6)?,
-                            time_ms: 0,
-                        },
-                        _ => UpdateEvent::Group {
-                            group: r.get::<_, i64>(5)? as u64,
-                            conv,
-                            member: seq == 1,
-                        },
+                    let message = if kind == UPDATE_MESSAGE {
+                        Some(message_at(r, 8)?)
+                    } else {
+                        None
                     };
-                    Ok((pts, Some(ev)))
+                    let ev = StreamEvent {
+                        kind,
+                        conv,
+                        seq,
+                        msg_id: r.get::<_, i64>(5)? as u64,
+                        actor,
+                    };
+                    Ok((pts, Some(update_event(ev, r.get(6)?, message))))
                 })
                 .map_err(read_err)?;
             let mut raw = Vec::new();
             for row in rows {
                 raw.push(row.map_err(read_err)?);
+            }
+            if !logged.is_empty() {
+                let mut m = c
+                    .prepare_cached(&format!(
+                        "SELECT EXISTS(SELECT 1 FROM hidden h WHERE h.user_id = ?1 AND h.msg_id = m.id), {MESSAGE_COLS}
+                         FROM messages m WHERE m.id = ?2"
+                    ))
+                    .map_err(read_err)?;
+                for e in logged {
+                    // Merged since it was copied: `updates` gave it already.
+                    if raw.iter().any(|(p, _)| *p == e.pts) {
+                        continue;
+                    }
+                    let message = if e.ev.kind == UPDATE_MESSAGE {
+                        let (hidden, message) = m
+                            .query_row(params![user.0 as i64, e.ev.msg_id as i64], |r| {
+                                Ok((r.get::<_, i64>(0)? != 0, message_at(r, 1)?))
+                            })
+                            .map_err(read_err)?;
+                        if hidden {
+                            raw.push((e.pts, None));
+                            continue;
+                        }
+                        Some(message)
+                    } else {
+                        None
+                    };
+                    raw.push((e.pts, Some(update_event(e.ev, e.data, message))));
+                }
+                raw.sort_by_key(|(p, _)| *p);
             }
             let has_more = raw.len() > limit as usize;
             raw.truncate(limit as usize);
@@ -1345,8 +1586,14 @@ impl Store for SqliteStore {
             // One read transaction: the pts and the messages are one snapshot.
             c.execute_batch("BEGIN").map_err(read_err)?;
             let r = (|| {
+                // The stream log has no index by user: this scans it (at most about
+                // store.stream_log_rows rows, a few milliseconds), once per new
+                // device, so that the pts is exactly the snapshot's.
                 let pts: i64 = c
-                    .prepare_cached("SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1")
+                    .prepare_cached(
+                        "SELECT MAX((SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1),
+                                    (SELECT COALESCE(MAX(pts), 0) FROM updates_log WHERE user_id=?1))",
+                    )
                     .and_then(|mut s| s.query_row([user.0 as i64], |r| r.get(0)))
                     .map_err(read_err)?;
                 let mut convs: Vec<(i64, i64, i64)> = Vec::new(); // conv, read_seq, last_seq
@@ -1831,6 +2078,45 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restart after a crash in the middle of a merge finds events in the log that
+    /// a committed step already put in `updates`: the merge at open keeps one of each
+    /// and empties the log.
+    #[test]
+    fn merge_at_open_takes_each_event_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(dir.path().join("mychat.db")).unwrap();
+        migrate(&mut c).unwrap();
+        c.execute_batch(
+            "INSERT INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor, data)
+                 VALUES(1, 1, 1, 5, 1, 10, 2, ''), (1, 2, 1, 5, 2, 11, 2, '');
+             INSERT INTO updates_log(user_id, pts, kind, conv_id, seq, msg_id, actor, data)
+                 VALUES(1, 2, 1, 5, 2, 11, 2, ''), (2, 1, 4, 0, 1, 0, 1, 'hi'),
+                       (1, 3, 2, 5, 2, 0, 2, '');",
+        )
+        .unwrap();
+        merge_all(&c).unwrap();
+        let rows: Vec<(i64, i64, i64, String)> = c
+            .prepare("SELECT user_id, pts, kind, data FROM updates ORDER BY user_id, pts")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (1, 1, 1, String::new()),
+                (1, 2, 1, String::new()),
+                (1, 3, 2, String::new()),
+                (2, 1, 4, "hi".to_string()),
+            ]
+        );
+        let left: i64 = c
+            .query_row("SELECT COUNT(*) FROM updates_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+    }
 
     /// A database written by a server of schema 2 (with an unread set holding rows)
     /// opens under this one: migration 3 runs on it and drops the set.

@@ -31,6 +31,11 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     c.server.shutdown_deadline_ms = 3000;
     c.auth.argon2_m_cost_kib = 64;
     c.auth.argon2_t_cost = 1;
+    // Merge the update streams' log every few events (the default waits for 65,536):
+    // every test then reads streams while events sit in the log, in the index, or are
+    // halfway between.
+    c.store.stream_log_rows = 3;
+    c.store.stream_merge_rows = 2;
     c
 }
 

@@ -156,14 +156,9 @@ impl Writer {
                 msg_id,
                 actor,
             },
+            data,
             d,
         )?;
-        if !data.is_empty() {
-            self.exec(
-                "UPDATE updates SET data=?3 WHERE user_id=?1 AND pts=?2",
-                params![user.0 as i64, pts as i64, data],
-            )?;
-        }
         Ok(pts)
     }
 
@@ -1320,6 +1315,7 @@ impl Writer {
                     msg_id: notice.id,
                     actor: user,
                 },
+                "",
                 d,
             )?;
         }
