@@ -77,7 +77,8 @@ async fn streams(store: &dyn Store, users: &[UserId]) -> Vec<String> {
 /// The same writes go to a store that merges every few events and to one that never
 /// merges while running; after every few writes, and after both restart, every stream
 /// reads the same from both (messages, read receipts, friend events with their text,
-/// messages deleted for one user).
+/// messages deleted for one user), and resends find their originals (the resend index
+/// is merged the same way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_and_logged_streams_read_alike() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -98,7 +99,8 @@ async fn merged_and_logged_streams_read_alike() {
         users.push(a.id);
     }
     let mut rng = Rng(0x9e3779b97f4a7c15);
-    let mut sent: Vec<(UserId, UserId, ConvId, u64, u64)> = Vec::new();
+    // (sender, recipient, conversation, seq, message id, the write that sent it)
+    let mut sent: Vec<(UserId, UserId, ConvId, u64, u64, u64)> = Vec::new();
     for n in 0..600u64 {
         let op = rng.below(100);
         let a = users[rng.below(users.len() as u64) as usize];
@@ -114,10 +116,10 @@ async fn merged_and_logged_streams_read_alike() {
                 (0..=74, _) if a != b => {
                     let o = s.send_direct(text(a, b, n)).await.unwrap();
                     let m = &o.message;
-                    sent.push((a, b, ConvId(m.conversation_id), m.seq, m.id));
+                    sent.push((a, b, ConvId(m.conversation_id), m.seq, m.id, n));
                     format!("sent {:?}", (m.id, m.seq, o.sender_pts))
                 }
-                (75..=84, Some((_, reader, conv, seq, _))) => {
+                (75..=84, Some((_, reader, conv, seq, _, _))) => {
                     format!("{:?}", s.mark_read(reader, conv, seq, None).await)
                 }
                 (85..=92, _) if a != b => format!(
@@ -125,8 +127,15 @@ async fn merged_and_logged_streams_read_alike() {
                     s.friend_request(a, b, format!("hello from {n}"), n as i64)
                         .await
                 ),
-                (93..=99, Some((sender, _, _, _, id))) => {
+                (93..=95, Some((sender, _, _, _, id, _))) => {
                     format!("{:?}", s.hide(sender, vec![id]).await)
+                }
+                // A resend: the original comes back, whether its resend entry is
+                // still in memory or merged.
+                (96..=99, Some((sender, recipient, _, _, id, k))) => {
+                    let o = s.send_direct(text(sender, recipient, k)).await.unwrap();
+                    assert_eq!((o.duplicate, o.message.id), (true, id), "resend at {n}");
+                    format!("resent {:?}", o.message)
                 }
                 _ => "nothing".into(),
             };
@@ -162,6 +171,13 @@ async fn merged_and_logged_streams_read_alike() {
         &before,
         "other store reopened",
     );
+    // Every message's resend still finds it after the restart's merge.
+    for &(a, b, _, _, id, k) in &sent {
+        for s in &reopened {
+            let o = s.send_direct(text(a, b, k)).await.unwrap();
+            assert_eq!((o.duplicate, o.message.id), (true, id), "resend of {k}");
+        }
+    }
     for s in &reopened {
         s.shutdown().await.unwrap();
     }

@@ -58,6 +58,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+mod client_ids;
 pub mod pcache;
 mod recent;
 mod social;
@@ -229,6 +230,21 @@ CREATE TABLE updates_log(
     actor INTEGER NOT NULL,
     data TEXT NOT NULL DEFAULT ''
 );
+"#,
+    r#"
+-- 5: the resend index leaves the messages table and is written many entries at a
+-- time (see the client_ids module); messages past client_ids_upto are not in it yet.
+CREATE TABLE client_ids(
+    sender_id INTEGER NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    msg_id INTEGER NOT NULL,
+    PRIMARY KEY(sender_id, client_msg_id)
+) WITHOUT ROWID;
+INSERT INTO client_ids(sender_id, client_msg_id, msg_id)
+    SELECT sender_id, client_msg_id, id FROM messages ORDER BY sender_id, client_msg_id;
+DROP INDEX messages_client;
+INSERT OR REPLACE INTO meta(key, value)
+    VALUES('client_ids_upto', (SELECT COALESCE(MAX(id), 0) FROM messages));
 "#,
 ];
 
@@ -454,8 +470,9 @@ impl SqliteStore {
     }
 }
 
-/// Moves every event of the stream log into `updates` and empties the log, in one
-/// transaction. A merge step that committed before a crash left its events in both:
+/// Moves every event of the stream log into `updates` and empties the log, and every
+/// resend entry of the messages past `client_ids_upto` into `client_ids`, in one
+/// transaction. A merge step that committed before a crash left rows in both places:
 /// `OR IGNORE` keeps the copy already there (the same row).
 fn merge_all(c: &Connection) -> Result<(), StoreError> {
     c.execute_batch(
@@ -464,6 +481,12 @@ fn merge_all(c: &Connection) -> Result<(), StoreError> {
              SELECT user_id, pts, kind, conv_id, seq, msg_id, actor, data FROM updates_log
              ORDER BY user_id, pts;
          DELETE FROM updates_log;
+         INSERT OR IGNORE INTO client_ids(sender_id, client_msg_id, msg_id)
+             SELECT sender_id, client_msg_id, id FROM messages
+             WHERE id > (SELECT value FROM meta WHERE key = 'client_ids_upto')
+             ORDER BY sender_id, client_msg_id;
+         UPDATE meta SET value = (SELECT COALESCE(MAX(id), 0) FROM messages)
+             WHERE key = 'client_ids_upto';
          COMMIT;",
     )
     .map_err(|e| {
@@ -590,6 +613,8 @@ struct Writer {
     merge: Option<(i64, Option<UserId>)>,
     /// After a failed merge step, none is tried before this.
     merge_pause: Option<std::time::Instant>,
+    /// Resend index entries not merged into `client_ids` yet.
+    cids: client_ids::ClientIds,
     stream_log_rows: usize,
     stream_merge_rows: usize,
     /// The next stream log row id. Assigned here, not by SQLite: a merge deletes the
@@ -617,6 +642,8 @@ struct CacheDelta {
     pair: Option<ConvRecord>,
     /// Stream events logged by the write, for [`recent::Recent`] once committed.
     updates: Vec<(UserId, recent::Entry)>,
+    /// Resend index entries of the messages the write stored.
+    cids: Vec<client_ids::Entry>,
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -635,6 +662,7 @@ impl Writer {
             batch_updates: Vec::new(),
             merge: None,
             merge_pause: None,
+            cids: client_ids::ClientIds::default(),
             stream_log_rows: cfg.stream_log_rows,
             stream_merge_rows: cfg.stream_merge_rows,
             next_log_id: conn
@@ -682,6 +710,7 @@ impl Writer {
                 self.commit_batch(&mut batch);
             }
             self.merge_step();
+            self.merge_client_ids_step();
             // Finish the checkpoint from here, between batches, once a second: the
             // checkpointer thread copies most frames off the ack path, but under steady
             // writes it never catches the writer (new frames land while it copies), so
@@ -738,6 +767,7 @@ impl Writer {
         self.batch_pts.clear();
         self.pairs_pending.clear();
         self.batch_updates.clear();
+        self.cids.batch_failed();
         for op in batch.drain(..) {
             let WriteOp::Job(job) = op else { continue };
             if self.exec_cached("SAVEPOINT op").is_err() {
@@ -752,6 +782,7 @@ impl Writer {
                 self.batch_seq.extend(delta.seqs);
                 self.batch_pts.extend(delta.pts);
                 self.batch_updates.extend(delta.updates);
+                self.cids.add_to_batch(delta.cids);
                 if let Some(c) = delta.pair {
                     self.pairs_pending.insert((c.user_a, c.user_b), c);
                 }
@@ -788,6 +819,7 @@ impl Writer {
                 if !self.batch_updates.is_empty() {
                     self.recent.write().add(self.batch_updates.drain(..));
                 }
+                self.cids.batch_committed();
                 // Publish in commit order, then answer: a pushed message is durable.
                 let pubs = std::mem::take(&mut self.publications);
                 if !pubs.is_empty() {
@@ -806,6 +838,7 @@ impl Writer {
                 self.batch_pts.clear();
                 self.pairs_pending.clear();
                 self.batch_updates.clear();
+                self.cids.batch_failed();
                 self.last_pts.clear();
                 self.last_seq.clear();
                 self.pairs.clear();
@@ -1043,6 +1076,51 @@ impl Writer {
             },
         ));
         Ok(pts)
+    }
+
+    /// One step of the resend index's merge, between batches (see the client_ids
+    /// module); like [`Writer::merge_step`] for the stream log.
+    fn merge_client_ids_step(&mut self) {
+        if !self.cids.merging() {
+            if self
+                .merge_pause
+                .is_some_and(|t| t > std::time::Instant::now())
+                || self.cids.len() < self.stream_log_rows
+            {
+                return;
+            }
+            self.cids.start_merge();
+        }
+        let Some(step) = self.cids.next_step(self.stream_merge_rows) else {
+            return;
+        };
+        let r = (|| {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            {
+                let mut ins = self.conn.prepare_cached(
+                    "INSERT OR IGNORE INTO client_ids(sender_id, client_msg_id, msg_id) VALUES(?1, ?2, ?3)",
+                )?;
+                for (u, c, id) in &step.entries {
+                    ins.execute(params![u.0 as i64, c, *id as i64])?;
+                }
+            }
+            if step.last {
+                self.conn
+                    .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'client_ids_upto'")?
+                    .execute([step.upto as i64])?;
+            }
+            self.conn.execute_batch("COMMIT")
+        })();
+        match r {
+            Ok(()) => self.cids.step_committed(&step),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                tracing::error!(error = %e, "store: a resend index merge step failed; retrying in a second");
+                // What this step held is still in the map: a later merge takes it.
+                self.cids.merge_failed();
+                self.merge_pause = Some(std::time::Instant::now() + Duration::from_secs(1));
+            }
+        }
     }
 
     /// One step of the stream log's merge, between batches: starts a merge once the
@@ -2079,9 +2157,54 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    /// A database of schema 4 (resend index on the messages table) migrates to 5: its
+    /// messages' entries move to `client_ids`, the old index goes, and nothing is left
+    /// for the merge at open.
+    #[test]
+    fn schema_4_database_moves_its_resend_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(dir.path().join("mychat.db")).unwrap();
+        c.execute_batch(
+            "CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO meta VALUES('schema_version', 4);",
+        )
+        .unwrap();
+        for m in &MIGRATIONS[..4] {
+            c.execute_batch(m).unwrap();
+        }
+        c.execute_batch(
+            "INSERT INTO messages(id, conv_id, seq, sender_id, recipient_id, kind, text, client_msg_id, time_ms)
+                 VALUES(1, 1, 1, 7, 8, 1, 'a', 'x', 0), (2, 1, 2, 8, 7, 1, 'b', 'x', 0),
+                       (3, 1, 3, 7, 8, 1, 'c', 'y', 0);",
+        )
+        .unwrap();
+        migrate(&mut c).unwrap();
+        merge_all(&c).unwrap();
+        let rows: Vec<(i64, String, i64)> = c
+            .prepare("SELECT sender_id, client_msg_id, msg_id FROM client_ids ORDER BY 1, 2")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![(7, "x".into(), 1), (7, "y".into(), 3), (8, "x".into(), 2)]
+        );
+        let (index, upto): (i64, i64) = c
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE name = 'messages_client'),
+                        (SELECT value FROM meta WHERE key = 'client_ids_upto')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((index, upto), (0, 3));
+    }
+
     /// A restart after a crash in the middle of a merge finds events in the log that
-    /// a committed step already put in `updates`: the merge at open keeps one of each
-    /// and empties the log.
+    /// a committed step already put in `updates`, and resend entries already in
+    /// `client_ids`: the merge at open keeps one of each and empties the log.
     #[test]
     fn merge_at_open_takes_each_event_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -2095,7 +2218,27 @@ mod tests {
                        (1, 3, 2, 5, 2, 0, 2, '');",
         )
         .unwrap();
+        // A resend index step wrote messages 1 and 2 before the crash; the merge's
+        // last step, which moves client_ids_upto (still 0), never ran.
+        c.execute_batch(
+            "INSERT INTO messages(id, conv_id, seq, sender_id, recipient_id, kind, text, client_msg_id, time_ms)
+                 VALUES(1, 5, 1, 2, 1, 1, 'a', 'p', 0), (2, 5, 2, 2, 1, 1, 'b', 'q', 0),
+                       (3, 5, 3, 1, 2, 1, 'c', 'p', 0);
+             INSERT INTO client_ids VALUES(2, 'p', 1), (2, 'q', 2);",
+        )
+        .unwrap();
         merge_all(&c).unwrap();
+        let cids: Vec<(i64, String, i64)> = c
+            .prepare("SELECT sender_id, client_msg_id, msg_id FROM client_ids ORDER BY 1, 2")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            cids,
+            vec![(1, "p".into(), 3), (2, "p".into(), 1), (2, "q".into(), 2)]
+        );
         let rows: Vec<(i64, i64, i64, String)> = c
             .prepare("SELECT user_id, pts, kind, data FROM updates ORDER BY user_id, pts")
             .unwrap()

@@ -190,6 +190,7 @@ impl Writer {
         )?;
         let id = self.conn.last_insert_rowid() as u64;
         d.seqs.push((conv, seq));
+        d.cids.push((sender, client_msg_id.clone(), id));
         self.batch_seq.insert(conv, seq);
         Ok(Message {
             id,
@@ -1197,19 +1198,32 @@ impl Writer {
         })
     }
 
+    /// The message `sender` stored under `cid`, if any: the writer's map of entries
+    /// not merged yet, then `client_ids` (see the client_ids module).
     pub(super) fn find_client_msg(
         &self,
         sender: UserId,
         cid: &str,
     ) -> Result<Option<Message>, StoreError> {
+        let id = match self.cids.get(sender, cid) {
+            Some(id) => Some(id as i64),
+            None => self
+                .conn
+                .prepare_cached(
+                    "SELECT msg_id FROM client_ids WHERE sender_id=?1 AND client_msg_id=?2",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![sender.0 as i64, cid], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(internal)?,
+        };
+        let Some(id) = id else { return Ok(None) };
         self.conn
             .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLS} FROM messages m WHERE m.sender_id=?1 AND m.client_msg_id=?2"
+                "SELECT {MESSAGE_COLS} FROM messages m WHERE m.id=?1"
             ))
-            .and_then(|mut s| {
-                s.query_row(params![sender.0 as i64, cid], |r| message_at(r, 0))
-                    .optional()
-            })
+            .and_then(|mut s| s.query_row([id], |r| message_at(r, 0)).optional())
             .map_err(internal)
     }
 

@@ -1,0 +1,162 @@
+//! The (sender, client message id) → message index, written many entries at a time.
+//!
+//! Why: a resend must find its original (the idempotence key is unique per sender), so
+//! every message needs an entry in an index ordered by sender: one more random page per
+//! message, like the update streams (see `recent`). Measured on the writer alone (1:1
+//! sends between 10,000 users with 20 contacts each, 1,024 in flight, two alternating
+//! pairs of 300,000 messages): without the index and its lookup, 15-20 % less CPU per
+//! message.
+//!
+//! How: `messages` is append-only by id, so it is its own log: the entries of messages
+//! with ids above `meta.client_ids_upto` are not in `client_ids` yet, and the writer
+//! (the only one that reads this index) holds them in a map. Once the map holds
+//! `store.stream_log_rows` entries, a merge sorts them and writes them to `client_ids`
+//! in steps of `store.stream_merge_rows` between write batches; its last step moves
+//! `client_ids_upto` to the merge's start. A restart merges the messages past it (`OR
+//! IGNORE`: a step that committed before a crash already wrote some).
+
+use crate::ids::UserId;
+use std::collections::HashMap;
+
+/// One resend entry: sender, client message id, message id.
+pub(super) type Entry = (UserId, String, u64);
+
+/// A step of a merge: its entries, the newest message id the merge covers, and
+/// whether the step is its last.
+pub(super) struct Step {
+    pub entries: Vec<Entry>,
+    pub upto: u64,
+    pub last: bool,
+}
+
+/// Entries of messages not merged into `client_ids`, and the merge under way.
+#[derive(Default)]
+pub(super) struct ClientIds {
+    /// Committed messages' entries.
+    recent: HashMap<(UserId, String), u64>,
+    /// The batch being built's entries (its released writes); into `recent` when it
+    /// commits, dropped when it fails.
+    batch: HashMap<(UserId, String), u64>,
+    /// The merge under way: the newest message id it covers, and its entries, sorted,
+    /// from the next one to write.
+    merging: Option<(u64, std::vec::IntoIter<Entry>)>,
+}
+
+impl ClientIds {
+    /// The message id of an entry not in `client_ids` yet.
+    pub fn get(&self, sender: UserId, cid: &str) -> Option<u64> {
+        // A borrowed key would need a custom Borrow; entries are short.
+        let key = (sender, cid.to_owned());
+        self.batch
+            .get(&key)
+            .or_else(|| self.recent.get(&key))
+            .copied()
+    }
+
+    pub fn add_to_batch(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        for (u, c, id) in entries {
+            self.batch.insert((u, c), id);
+        }
+    }
+
+    pub fn batch_committed(&mut self) {
+        self.recent.extend(self.batch.drain());
+    }
+
+    pub fn batch_failed(&mut self) {
+        self.batch.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Starts a merge of every committed entry (they are all of messages up to the
+    /// newest id among them).
+    pub fn start_merge(&mut self) {
+        let upto = self.recent.values().copied().max().unwrap_or(0);
+        let mut all: Vec<Entry> = self
+            .recent
+            .iter()
+            .map(|((u, c), id)| (*u, c.clone(), *id))
+            .collect();
+        all.sort_unstable();
+        self.merging = Some((upto, all.into_iter()));
+    }
+
+    pub fn merging(&self) -> bool {
+        self.merging.is_some()
+    }
+
+    /// The next `max` entries of the merge under way.
+    pub fn next_step(&mut self, max: usize) -> Option<Step> {
+        let (upto, it) = self.merging.as_mut()?;
+        let entries: Vec<_> = it.by_ref().take(max).collect();
+        Some(Step {
+            entries,
+            upto: *upto,
+            last: it.len() == 0,
+        })
+    }
+
+    /// A step committed: its entries are in `client_ids` now.
+    pub fn step_committed(&mut self, step: &Step) {
+        for (u, c, id) in &step.entries {
+            let key = (*u, c.clone());
+            if self.recent.get(&key) == Some(id) {
+                self.recent.remove(&key);
+            }
+        }
+        if step.last {
+            self.merging = None;
+        }
+    }
+
+    /// A step failed: the merge is dropped (its entries not written stay here; a
+    /// later merge takes them again).
+    pub fn merge_failed(&mut self) {
+        self.merging = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_commit_or_vanish_and_merges_take_what_was_committed() {
+        let mut c = ClientIds::default();
+        c.add_to_batch([(UserId(2), "b".to_string(), 5)]);
+        assert_eq!(c.get(UserId(2), "b"), Some(5));
+        c.batch_failed();
+        assert_eq!(c.get(UserId(2), "b"), None);
+        c.add_to_batch([
+            (UserId(2), "b".to_string(), 6),
+            (UserId(1), "z".to_string(), 7),
+            (UserId(1), "a".to_string(), 8),
+        ]);
+        c.batch_committed();
+        assert_eq!((c.len(), c.get(UserId(1), "z")), (3, Some(7)));
+        c.start_merge();
+        // Logged while the merge runs: not part of it.
+        c.add_to_batch([(UserId(1), "m".to_string(), 9)]);
+        c.batch_committed();
+        let step = c.next_step(2).unwrap();
+        assert_eq!(
+            step.entries,
+            vec![
+                (UserId(1), "a".to_string(), 8),
+                (UserId(1), "z".to_string(), 7)
+            ]
+        );
+        assert_eq!((step.upto, step.last), (8, false));
+        c.step_committed(&step);
+        assert_eq!(c.get(UserId(1), "a"), None);
+        let step = c.next_step(2).unwrap();
+        assert_eq!(step.entries, vec![(UserId(2), "b".to_string(), 6)]);
+        assert!(step.last);
+        c.step_committed(&step);
+        assert!(!c.merging());
+        assert_eq!((c.len(), c.get(UserId(1), "m")), (1, Some(9)));
+    }
+}
