@@ -88,7 +88,7 @@ pub async fn prepare(
     parallel: usize,
 ) -> anyhow::Result<State> {
     let mut st = load(path);
-    if !still_valid(addr, &st).await? {
+    if !still_valid(addr, s, &st).await? {
         eprintln!(
             "loadtest: the server does not know the tokens in {} (a new data directory?): setting the users up again",
             path.display()
@@ -147,25 +147,52 @@ pub async fn prepare(
     Ok(st)
 }
 
-/// Whether the server still accepts the state file's tokens: its first device's token
-/// logs in (a server on a fresh data directory has other users and another key).
-async fn still_valid(addr: SocketAddr, st: &State) -> anyhow::Result<bool> {
+/// Whether the server knows the state file's users: its first device's token logs in
+/// (a server on a fresh data directory has other users and another key). With every
+/// access token expired, the first registered user logs in by password instead: the
+/// ids in the file are only kept when the server gives the same one back (else a run
+/// on a new data directory, hours after the file was written, would take the file's
+/// users as registered and fail to log them in).
+async fn still_valid(addr: SocketAddr, s: &Scenario, st: &State) -> anyhow::Result<bool> {
     let now = now_ms();
-    let Some((u, d, dev)) = st.users.iter().find_map(|u| {
+    let unexpired = st.users.iter().find_map(|u| {
         u.devices
             .iter()
             .enumerate()
             .find(|(_, d)| !d.access.is_empty() && d.access_exp > now)
             .map(|(i, d)| (u, i, d))
-    }) else {
-        return Ok(true); // nothing to check: unexpired tokens are the only shortcut taken
+    });
+    let (u, login) = match unexpired {
+        Some((u, d, dev)) => (
+            u,
+            LoginRequest {
+                credential: Some(login_request::Credential::AccessToken(dev.access.clone())),
+                device_id: dev.device.clone(),
+                platform: PLATFORMS[d % PLATFORMS.len()] as i32,
+            },
+        ),
+        None => {
+            let Some((u, dev)) = st
+                .users
+                .iter()
+                .find_map(|u| Some((u, u.devices.first()?)).filter(|(u, _)| u.id != 0))
+            else {
+                return Ok(true); // nobody registered yet: nothing to check
+            };
+            (
+                u,
+                LoginRequest {
+                    credential: Some(login_request::Credential::Password(PasswordCredential {
+                        username: u.name.clone(),
+                        password: s.password.clone(),
+                    })),
+                    device_id: dev.device.clone(),
+                    platform: PLATFORMS[0] as i32,
+                },
+            )
+        }
     };
     let mut conn = Conn::open(addr, None).await?;
-    let login = LoginRequest {
-        credential: Some(login_request::Credential::AccessToken(dev.access.clone())),
-        device_id: dev.device.clone(),
-        platform: PLATFORMS[d % PLATFORMS.len()] as i32,
-    };
     match conn
         .call_patient::<_, LoginResponse>(Command::Login, &login)
         .await?
