@@ -247,3 +247,42 @@ async fn sync_sees_no_gap_while_merging() {
     assert!(reads > 10, "the reader raced the writer only {reads} times");
     store.shutdown().await.unwrap();
 }
+
+/// Writes that log many events each (a group's creation: one per member) against
+/// merge steps of one event: each step still takes at least what arrived since the
+/// last one, so the log stays under about twice its bound plus one write's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
+    let dir = tempfile::tempdir().unwrap();
+    const LOG_ROWS: usize = 20;
+    let store = SqliteStore::open(dir.path(), &config(LOG_ROWS, 1)).unwrap();
+    let mut users = Vec::new();
+    for i in 0..41 {
+        users.push(
+            store
+                .create_user(format!("g{i}"), "x".into(), 0)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut most = 0;
+    for n in 0..60 {
+        let change = store
+            .group_create(
+                users[0],
+                format!("group {n}"),
+                users[1..].to_vec(),
+                0,
+                n,
+                100,
+            )
+            .await
+            .unwrap();
+        assert_eq!(change.membership.len(), 41);
+        most = most.max(store.logged_events());
+    }
+    assert!(most <= 2 * (LOG_ROWS + 41), "the log held {most} events");
+    assert!(most > LOG_ROWS, "no merge was needed: this checked nothing");
+    store.shutdown().await.unwrap();
+}

@@ -412,6 +412,12 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Stream events logged and not merged yet (for tests of the bound).
+    #[doc(hidden)]
+    pub fn logged_events(&self) -> usize {
+        self.recent.read().rows()
+    }
+
     /// Queues a write for the writer thread; resolves once its batch committed.
     fn write<T: Send + 'static>(
         &self,
@@ -617,6 +623,12 @@ struct Writer {
     cids: client_ids::ClientIds,
     stream_log_rows: usize,
     stream_merge_rows: usize,
+    /// Stream events and resend entries committed since the last merge step of each:
+    /// a step takes at least as many, so that a merge always gains on what arrives
+    /// while it runs (one write can log hundreds of events: a group's creation), and
+    /// what waits stays under about twice `stream_log_rows`.
+    logged_since_step: usize,
+    cids_since_step: usize,
     /// The next stream log row id. Assigned here, not by SQLite: a merge deletes the
     /// log's rows up to where it started, and SQLite would hand out ids from the
     /// largest left, reusing deleted ones once the log is empty; a merge compares ids
@@ -665,6 +677,8 @@ impl Writer {
             cids: client_ids::ClientIds::default(),
             stream_log_rows: cfg.stream_log_rows,
             stream_merge_rows: cfg.stream_merge_rows,
+            logged_since_step: 0,
+            cids_since_step: 0,
             next_log_id: conn
                 .query_row(
                     "SELECT COALESCE(MAX(id), 0) + 1 FROM updates_log",
@@ -816,9 +830,11 @@ impl Writer {
                 self.pairs.extend(self.pairs_pending.drain());
                 // Before anyone hears of the commit: a device that is pushed an event
                 // and syncs must find it.
+                self.logged_since_step += self.batch_updates.len();
                 if !self.batch_updates.is_empty() {
                     self.recent.write().add(self.batch_updates.drain(..));
                 }
+                self.cids_since_step += self.cids.batch_len();
                 self.cids.batch_committed();
                 // Publish in commit order, then answer: a pushed message is durable.
                 let pubs = std::mem::take(&mut self.publications);
@@ -1087,11 +1103,14 @@ impl Writer {
                 .is_some_and(|t| t > std::time::Instant::now())
                 || self.cids.len() < self.stream_log_rows
             {
+                self.cids_since_step = 0;
                 return;
             }
             self.cids.start_merge();
         }
-        let Some(step) = self.cids.next_step(self.stream_merge_rows) else {
+        let rows = self.stream_merge_rows.max(self.cids_since_step);
+        self.cids_since_step = 0;
+        let Some(step) = self.cids.next_step(rows) else {
             return;
         };
         let r = (|| {
@@ -1128,14 +1147,17 @@ impl Writer {
     /// so (whole users, in user order) per call, in a transaction of its own.
     fn merge_step(&mut self) {
         if self.merge.is_none() {
+            // Outside a merge only the batch just committed counts (it may start one).
             if self
                 .merge_pause
                 .is_some_and(|t| t > std::time::Instant::now())
             {
+                self.logged_since_step = 0;
                 return;
             }
             let r = self.recent.read();
             if r.rows() < self.stream_log_rows {
+                self.logged_since_step = 0;
                 return;
             }
             self.merge = Some((r.last_log_id(), None));
@@ -1143,7 +1165,9 @@ impl Writer {
         let Some((upto, after)) = self.merge else {
             return;
         };
-        let step = self.recent.read().step(after, upto, self.stream_merge_rows);
+        let rows = self.stream_merge_rows.max(self.logged_since_step);
+        self.logged_since_step = 0;
+        let step = self.recent.read().step(after, upto, rows);
         let r = (|| {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
             {

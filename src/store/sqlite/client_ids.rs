@@ -59,6 +59,11 @@ impl ClientIds {
         }
     }
 
+    /// Entries of the batch being built.
+    pub fn batch_len(&self) -> usize {
+        self.batch.len()
+    }
+
     pub fn batch_committed(&mut self) {
         self.recent.extend(self.batch.drain());
     }
