@@ -29,14 +29,65 @@ pub(super) struct Step {
     pub last: bool,
 }
 
+/// Entries by sender, then client message id (two levels, so that a lookup by `&str`
+/// allocates nothing).
+#[derive(Default)]
+struct Map {
+    by_sender: HashMap<UserId, HashMap<String, u64>>,
+    len: usize,
+}
+
+impl Map {
+    fn get(&self, sender: UserId, cid: &str) -> Option<u64> {
+        self.by_sender.get(&sender)?.get(cid).copied()
+    }
+
+    fn insert(&mut self, sender: UserId, cid: String, id: u64) {
+        if self
+            .by_sender
+            .entry(sender)
+            .or_default()
+            .insert(cid, id)
+            .is_none()
+        {
+            self.len += 1;
+        }
+    }
+
+    /// Removes the entry if it still names message `id`.
+    fn remove(&mut self, sender: UserId, cid: &str, id: u64) {
+        if let Some(m) = self.by_sender.get_mut(&sender) {
+            if m.get(cid) == Some(&id) {
+                m.remove(cid);
+                self.len -= 1;
+                if m.is_empty() {
+                    self.by_sender.remove(&sender);
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Entry> + '_ {
+        self.len = 0;
+        self.by_sender
+            .drain()
+            .flat_map(|(u, m)| m.into_iter().map(move |(c, id)| (u, c, id)))
+    }
+
+    fn clear(&mut self) {
+        self.by_sender.clear();
+        self.len = 0;
+    }
+}
+
 /// Entries of messages not merged into `client_ids`, and the merge under way.
 #[derive(Default)]
 pub(super) struct ClientIds {
     /// Committed messages' entries.
-    recent: HashMap<(UserId, String), u64>,
+    recent: Map,
     /// The batch being built's entries (its released writes); into `recent` when it
     /// commits, dropped when it fails.
-    batch: HashMap<(UserId, String), u64>,
+    batch: Map,
     /// The merge under way: the newest message id it covers, and its entries, sorted,
     /// from the next one to write.
     merging: Option<(u64, std::vec::IntoIter<Entry>)>,
@@ -45,27 +96,26 @@ pub(super) struct ClientIds {
 impl ClientIds {
     /// The message id of an entry not in `client_ids` yet.
     pub fn get(&self, sender: UserId, cid: &str) -> Option<u64> {
-        // A borrowed key would need a custom Borrow; entries are short.
-        let key = (sender, cid.to_owned());
         self.batch
-            .get(&key)
-            .or_else(|| self.recent.get(&key))
-            .copied()
+            .get(sender, cid)
+            .or_else(|| self.recent.get(sender, cid))
     }
 
     pub fn add_to_batch(&mut self, entries: impl IntoIterator<Item = Entry>) {
         for (u, c, id) in entries {
-            self.batch.insert((u, c), id);
+            self.batch.insert(u, c, id);
         }
     }
 
     /// Entries of the batch being built.
     pub fn batch_len(&self) -> usize {
-        self.batch.len()
+        self.batch.len
     }
 
     pub fn batch_committed(&mut self) {
-        self.recent.extend(self.batch.drain());
+        for (u, c, id) in self.batch.drain() {
+            self.recent.insert(u, c, id);
+        }
     }
 
     pub fn batch_failed(&mut self) {
@@ -73,18 +123,19 @@ impl ClientIds {
     }
 
     pub fn len(&self) -> usize {
-        self.recent.len()
+        self.recent.len
     }
 
     /// Starts a merge of every committed entry (they are all of messages up to the
     /// newest id among them).
     pub fn start_merge(&mut self) {
-        let upto = self.recent.values().copied().max().unwrap_or(0);
         let mut all: Vec<Entry> = self
             .recent
+            .by_sender
             .iter()
-            .map(|((u, c), id)| (*u, c.clone(), *id))
+            .flat_map(|(u, m)| m.iter().map(|(c, id)| (*u, c.clone(), *id)))
             .collect();
+        let upto = all.iter().map(|e| e.2).max().unwrap_or(0);
         all.sort_unstable();
         self.merging = Some((upto, all.into_iter()));
     }
@@ -107,10 +158,7 @@ impl ClientIds {
     /// A step committed: its entries are in `client_ids` now.
     pub fn step_committed(&mut self, step: &Step) {
         for (u, c, id) in &step.entries {
-            let key = (*u, c.clone());
-            if self.recent.get(&key) == Some(id) {
-                self.recent.remove(&key);
-            }
+            self.recent.remove(*u, c, *id);
         }
         if step.last {
             self.merging = None;
