@@ -286,3 +286,75 @@ async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
     assert!(most > LOG_ROWS, "no merge was needed: this checked nothing");
     store.shutdown().await.unwrap();
 }
+
+/// A merge step that fails (here a trigger refuses one of bob's events) is rolled
+/// back: nothing is lost, syncs still see every event, and once the cause is gone a
+/// later merge moves it; a restart finds the whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_merge_step_loses_nothing_and_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    let alice = store
+        .create_user("alice".into(), "x".into(), 0)
+        .await
+        .unwrap()
+        .id;
+    let bob = store
+        .create_user("bob".into(), "x".into(), 0)
+        .await
+        .unwrap()
+        .id;
+    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db.execute_batch(&format!(
+        "CREATE TRIGGER refuse BEFORE INSERT ON updates WHEN NEW.user_id = {} AND NEW.pts = 3
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        bob.0
+    ))
+    .unwrap();
+    let merged = |pts: u64| -> bool {
+        db.query_row(
+            "SELECT COUNT(*) FROM updates WHERE user_id = ?1 AND pts = ?2",
+            [bob.0 as i64, pts as i64],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    };
+    let stream = |page: SyncPage| page.updates.iter().map(|(p, _)| *p).collect::<Vec<_>>();
+    let mut n = 0;
+    for _ in 0..10 {
+        store.send_direct(text(alice, bob, n)).await.unwrap();
+        n += 1;
+    }
+    assert!(!merged(3), "the trigger did not refuse the merge");
+    assert!(
+        store.logged_events() >= 8,
+        "bob's events from 3 on are still logged"
+    );
+    assert_eq!(
+        stream(store.sync(bob, 0, 100).await.unwrap()),
+        (1..=10).collect::<Vec<_>>()
+    );
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    // Failed steps pause merging for a second; merges then run after write batches.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    while !merged(3) && n < 200 {
+        store.send_direct(text(alice, bob, n)).await.unwrap();
+        n += 1;
+    }
+    assert!(merged(3), "bob's third event was never merged");
+    assert_eq!(
+        stream(store.sync(bob, 0, 1000).await.unwrap()),
+        (1..=n).collect::<Vec<_>>()
+    );
+    store.shutdown().await.unwrap();
+    drop(store);
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    assert_eq!(store.logged_events(), 0);
+    assert_eq!(
+        stream(store.sync(bob, 0, 1000).await.unwrap()),
+        (1..=n).collect::<Vec<_>>()
+    );
+    store.shutdown().await.unwrap();
+}
