@@ -1098,11 +1098,7 @@ impl Writer {
     /// module); like [`Writer::merge_step`] for the stream log.
     fn merge_client_ids_step(&mut self) {
         if !self.cids.merging() {
-            if self
-                .merge_pause
-                .is_some_and(|t| t > std::time::Instant::now())
-                || self.cids.len() < self.stream_log_rows
-            {
+            if self.merge_paused() || self.cids.len() < self.stream_log_rows {
                 self.cids_since_step = 0;
                 return;
             }
@@ -1113,31 +1109,52 @@ impl Writer {
         let Some(step) = self.cids.next_step(rows) else {
             return;
         };
-        let r = (|| {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            {
-                let mut ins = self.conn.prepare_cached(
-                    "INSERT OR IGNORE INTO client_ids(sender_id, client_msg_id, msg_id) VALUES(?1, ?2, ?3)",
-                )?;
-                for (u, c, id) in &step.entries {
-                    ins.execute(params![u.0 as i64, c, *id as i64])?;
-                }
+        let committed = self.merge_transaction("resend index", |c| {
+            let mut ins = c.prepare_cached(
+                "INSERT OR IGNORE INTO client_ids(sender_id, client_msg_id, msg_id) VALUES(?1, ?2, ?3)",
+            )?;
+            for (u, cid, id) in &step.entries {
+                ins.execute(params![u.0 as i64, cid, *id as i64])?;
             }
             if step.last {
-                self.conn
-                    .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'client_ids_upto'")?
+                c.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'client_ids_upto'")?
                     .execute([step.upto as i64])?;
             }
-            self.conn.execute_batch("COMMIT")
-        })();
+            Ok(())
+        });
+        if committed {
+            self.cids.step_committed(&step);
+        } else {
+            // What this step held is still in the map: a later merge takes it.
+            self.cids.merge_failed();
+        }
+    }
+
+    /// Whether a merge step failed less than a second ago (no step is tried then).
+    fn merge_paused(&self) -> bool {
+        self.merge_pause
+            .is_some_and(|t| t > std::time::Instant::now())
+    }
+
+    /// Runs one merge step's statements in a transaction of its own. On failure it is
+    /// rolled back and logged, and no merge step is tried for a second; false then.
+    fn merge_transaction(
+        &mut self,
+        what: &str,
+        body: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+    ) -> bool {
+        let r = self
+            .conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .and_then(|()| body(&self.conn))
+            .and_then(|()| self.conn.execute_batch("COMMIT"));
         match r {
-            Ok(()) => self.cids.step_committed(&step),
+            Ok(()) => true,
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                tracing::error!(error = %e, "store: a resend index merge step failed; retrying in a second");
-                // What this step held is still in the map: a later merge takes it.
-                self.cids.merge_failed();
+                tracing::error!(error = %e, "store: a {what} merge step failed; retrying in a second");
                 self.merge_pause = Some(std::time::Instant::now() + Duration::from_secs(1));
+                false
             }
         }
     }
@@ -1148,10 +1165,7 @@ impl Writer {
     fn merge_step(&mut self) {
         if self.merge.is_none() {
             // Outside a merge only the batch just committed counts (it may start one).
-            if self
-                .merge_pause
-                .is_some_and(|t| t > std::time::Instant::now())
-            {
+            if self.merge_paused() {
                 self.logged_since_step = 0;
                 return;
             }
@@ -1168,53 +1182,43 @@ impl Writer {
         let rows = self.stream_merge_rows.max(self.logged_since_step);
         self.logged_since_step = 0;
         let step = self.recent.read().step(after, upto, rows);
-        let r = (|| {
-            self.conn.execute_batch("BEGIN IMMEDIATE")?;
-            {
-                let mut ins = self.conn.prepare_cached(
-                    "INSERT INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor, data) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?;
-                for (u, e) in &step.entries {
-                    let ev = &e.ev;
-                    ins.execute(params![
-                        u.0 as i64,
-                        e.pts as i64,
-                        ev.kind,
-                        ev.conv.0 as i64,
-                        ev.seq as i64,
-                        ev.msg_id as i64,
-                        ev.actor.0 as i64,
-                        e.data
-                    ])?;
-                }
+        let committed = self.merge_transaction("stream", |c| {
+            let mut ins = c.prepare_cached(
+                "INSERT INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor, data) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for (u, e) in &step.entries {
+                let ev = &e.ev;
+                ins.execute(params![
+                    u.0 as i64,
+                    e.pts as i64,
+                    ev.kind,
+                    ev.conv.0 as i64,
+                    ev.seq as i64,
+                    ev.msg_id as i64,
+                    ev.actor.0 as i64,
+                    e.data
+                ])?;
             }
             if step.done {
-                self.conn
-                    .prepare_cached("DELETE FROM updates_log WHERE id <= ?1")?
+                c.prepare_cached("DELETE FROM updates_log WHERE id <= ?1")?
                     .execute([upto])?;
             }
-            self.conn.execute_batch("COMMIT")
-        })();
-        match r {
-            Ok(()) => {
-                let mut users: Vec<UserId> = step.entries.iter().map(|(u, _)| *u).collect();
-                users.dedup();
-                self.recent.write().remove_merged(users, upto);
-                self.merge = if step.done {
-                    None
-                } else {
-                    Some((upto, step.last_user))
-                };
-            }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                tracing::error!(error = %e, "store: a stream merge step failed; retrying in a second");
-                // This step's events are still here. A new merge starts over from the
-                // first user; the log rows of the steps that did commit go with its
-                // last step (their events left memory, and are in `updates`).
-                self.merge = None;
-                self.merge_pause = Some(std::time::Instant::now() + Duration::from_secs(1));
-            }
+            Ok(())
+        });
+        if committed {
+            let mut users: Vec<UserId> = step.entries.iter().map(|(u, _)| *u).collect();
+            users.dedup();
+            self.recent.write().remove_merged(users, upto);
+            self.merge = if step.done {
+                None
+            } else {
+                Some((upto, step.last_user))
+            };
+        } else {
+            // This step's events are still here. A new merge starts over from the
+            // first user; the log rows of the steps that did commit go with its last
+            // step (their events left memory, and are in `updates`).
+            self.merge = None;
         }
     }
 
