@@ -28,6 +28,15 @@ fn text(sender: UserId, recipient: UserId, n: u64) -> SendInput {
     }
 }
 
+/// Creates a user; its id.
+async fn user(store: &dyn Store, name: &str) -> UserId {
+    store
+        .create_user(name.into(), "x".into(), 0)
+        .await
+        .unwrap()
+        .id
+}
+
 /// A sync page as comparable text.
 fn shown(p: &SyncPage) -> String {
     format!("{:?} more={} to={}", p.updates, p.has_more, p.scanned_to)
@@ -87,16 +96,10 @@ async fn merged_and_logged_streams_read_alike() {
     let stores: Vec<Arc<dyn Store>> = vec![open(0), open(1)];
     let mut users = Vec::new();
     for i in 0..12 {
-        let a = stores[0]
-            .create_user(format!("u{i}"), "x".into(), 0)
-            .await
-            .unwrap();
-        let b = stores[1]
-            .create_user(format!("u{i}"), "x".into(), 0)
-            .await
-            .unwrap();
-        assert_eq!(a.id, b.id);
-        users.push(a.id);
+        let a = user(stores[0].as_ref(), &format!("u{i}")).await;
+        let b = user(stores[1].as_ref(), &format!("u{i}")).await;
+        assert_eq!(a, b);
+        users.push(a);
     }
     let mut rng = Rng(0x9e3779b97f4a7c15);
     // (sender, recipient, conversation, seq, message id, the write that sent it)
@@ -189,16 +192,8 @@ async fn merged_and_logged_streams_read_alike() {
 async fn sync_sees_no_gap_while_merging() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = SqliteStore::open(dir.path(), &config(8, 4)).unwrap();
-    let alice = store
-        .create_user("alice".into(), "x".into(), 0)
-        .await
-        .unwrap()
-        .id;
-    let bob = store
-        .create_user("bob".into(), "x".into(), 0)
-        .await
-        .unwrap()
-        .id;
+    let alice = user(store.as_ref(), "alice").await;
+    let bob = user(store.as_ref(), "bob").await;
     const MESSAGES: u64 = 3_000;
     let writer = {
         let store = store.clone();
@@ -258,13 +253,7 @@ async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
     let store = SqliteStore::open(dir.path(), &config(LOG_ROWS, 1)).unwrap();
     let mut users = Vec::new();
     for i in 0..41 {
-        users.push(
-            store
-                .create_user(format!("g{i}"), "x".into(), 0)
-                .await
-                .unwrap()
-                .id,
-        );
+        users.push(user(store.as_ref(), &format!("g{i}")).await);
     }
     let mut most = 0;
     for n in 0..60 {
@@ -294,16 +283,8 @@ async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
 async fn a_failed_merge_step_loses_nothing_and_is_tried_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
-    let alice = store
-        .create_user("alice".into(), "x".into(), 0)
-        .await
-        .unwrap()
-        .id;
-    let bob = store
-        .create_user("bob".into(), "x".into(), 0)
-        .await
-        .unwrap()
-        .id;
+    let alice = user(store.as_ref(), "alice").await;
+    let bob = user(store.as_ref(), "bob").await;
     let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
     db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
     db.execute_batch(&format!(
@@ -356,5 +337,70 @@ async fn a_failed_merge_step_loses_nothing_and_is_tried_again() {
         stream(store.sync(bob, 0, 1000).await.unwrap()),
         (1..=n).collect::<Vec<_>>()
     );
+    store.shutdown().await.unwrap();
+}
+
+/// The resend index's merge step failing (a trigger refuses one entry) keeps the
+/// entry in the writer's map: the resend still finds its original; once the cause is
+/// gone a later merge writes the entry, and after a restart the resend finds it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_resend_index_step_keeps_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    let alice = user(store.as_ref(), "alice").await;
+    let bob = user(store.as_ref(), "bob").await;
+    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON client_ids WHEN NEW.client_msg_id = 'c2'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    let written = |cid: &str| -> bool {
+        db.query_row(
+            "SELECT COUNT(*) FROM client_ids WHERE client_msg_id = ?1",
+            [cid],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    };
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(
+            store
+                .send_direct(text(alice, bob, n))
+                .await
+                .unwrap()
+                .message
+                .id,
+        );
+    }
+    assert!(!written("c2"), "the trigger did not refuse the merge");
+    let again = store.send_direct(text(alice, bob, 2)).await.unwrap();
+    assert_eq!((again.duplicate, again.message.id), (true, ids[2]));
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    // Failed steps pause merging for a second; merges then run after write batches.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut n = 10;
+    while !written("c2") && n < 200 {
+        ids.push(
+            store
+                .send_direct(text(alice, bob, n))
+                .await
+                .unwrap()
+                .message
+                .id,
+        );
+        n += 1;
+    }
+    assert!(written("c2"), "the refused entry was never written");
+    store.shutdown().await.unwrap();
+    drop(store);
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    for (k, id) in ids.iter().enumerate() {
+        let o = store.send_direct(text(alice, bob, k as u64)).await.unwrap();
+        assert_eq!((o.duplicate, o.message.id), (true, *id), "resend of {k}");
+    }
     store.shutdown().await.unwrap();
 }
