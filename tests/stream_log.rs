@@ -276,65 +276,103 @@ async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
     store.shutdown().await.unwrap();
 }
 
+/// A store that merges every 4 events (steps of 2), with users alice and bob, and a
+/// second connection to its database on which `trigger` (SQL with `{bob}` for bob's
+/// id) was created: it makes some merge step fail.
+struct Refusing {
+    store: Arc<SqliteStore>,
+    alice: UserId,
+    bob: UserId,
+    db: rusqlite::Connection,
+    /// Messages alice sent bob, in order (message n has client id "c{n}").
+    sent: Vec<u64>,
+}
+
+impl Refusing {
+    async fn new(dir: &std::path::Path, trigger: &str) -> Refusing {
+        let store = SqliteStore::open(dir, &config(4, 2)).unwrap();
+        let alice = user(store.as_ref(), "alice").await;
+        let bob = user(store.as_ref(), "bob").await;
+        let db = rusqlite::Connection::open(dir.join("mychat.db")).unwrap();
+        db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        db.execute_batch(&trigger.replace("{bob}", &bob.0.to_string()))
+            .unwrap();
+        Refusing {
+            store,
+            alice,
+            bob,
+            db,
+            sent: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self) {
+        let n = self.sent.len() as u64;
+        let o = self.store.send_direct(text(self.alice, self.bob, n)).await;
+        self.sent.push(o.unwrap().message.id);
+    }
+
+    fn count(&self, sql: &str, p: impl rusqlite::Params) -> i64 {
+        self.db.query_row(sql, p, |r| r.get(0)).unwrap()
+    }
+
+    /// Drops the trigger, waits out the second's pause after a failed step, and sends
+    /// (merges run after write batches) until `done` holds or 200 messages were sent.
+    async fn repair_until(&mut self, done: impl Fn(&Refusing) -> bool) {
+        self.db.execute_batch("DROP TRIGGER refuse").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        while !done(self) && self.sent.len() < 200 {
+            self.send().await;
+        }
+        assert!(done(self), "the refused row was never merged");
+    }
+}
+
+fn pts_of(page: SyncPage) -> Vec<u64> {
+    page.updates.iter().map(|(p, _)| *p).collect()
+}
+
 /// A merge step that fails (here a trigger refuses one of bob's events) is rolled
 /// back: nothing is lost, syncs still see every event, and once the cause is gone a
 /// later merge moves it; a restart finds the whole stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_merge_step_loses_nothing_and_is_tried_again() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
-    let alice = user(store.as_ref(), "alice").await;
-    let bob = user(store.as_ref(), "bob").await;
-    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
-    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
-    db.execute_batch(&format!(
-        "CREATE TRIGGER refuse BEFORE INSERT ON updates WHEN NEW.user_id = {} AND NEW.pts = 3
+    let mut t = Refusing::new(
+        dir.path(),
+        "CREATE TRIGGER refuse BEFORE INSERT ON updates WHEN NEW.user_id = {bob} AND NEW.pts = 3
          BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
-        bob.0
-    ))
-    .unwrap();
-    let merged = |pts: u64| -> bool {
-        db.query_row(
-            "SELECT COUNT(*) FROM updates WHERE user_id = ?1 AND pts = ?2",
-            [bob.0 as i64, pts as i64],
-            |r| r.get::<_, i64>(0),
-        )
-        .unwrap()
-            == 1
+    )
+    .await;
+    let merged = |t: &Refusing| {
+        let sql = "SELECT COUNT(*) FROM updates WHERE user_id = ?1 AND pts = 3";
+        t.count(sql, [t.bob.0 as i64]) == 1
     };
-    let stream = |page: SyncPage| page.updates.iter().map(|(p, _)| *p).collect::<Vec<_>>();
-    let mut n = 0;
     for _ in 0..10 {
-        store.send_direct(text(alice, bob, n)).await.unwrap();
-        n += 1;
+        t.send().await;
     }
-    assert!(!merged(3), "the trigger did not refuse the merge");
+    assert!(!merged(&t), "the trigger did not refuse the merge");
     assert!(
-        store.logged_events() >= 8,
+        t.store.logged_events() >= 8,
         "bob's events from 3 on are still logged"
     );
+    let bob = t.bob;
     assert_eq!(
-        stream(store.sync(bob, 0, 100).await.unwrap()),
+        pts_of(t.store.sync(bob, 0, 100).await.unwrap()),
         (1..=10).collect::<Vec<_>>()
     );
-    db.execute_batch("DROP TRIGGER refuse").unwrap();
-    // Failed steps pause merging for a second; merges then run after write batches.
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    while !merged(3) && n < 200 {
-        store.send_direct(text(alice, bob, n)).await.unwrap();
-        n += 1;
-    }
-    assert!(merged(3), "bob's third event was never merged");
+    t.repair_until(merged).await;
+    let n = t.sent.len() as u64;
     assert_eq!(
-        stream(store.sync(bob, 0, 1000).await.unwrap()),
+        pts_of(t.store.sync(bob, 0, 1000).await.unwrap()),
         (1..=n).collect::<Vec<_>>()
     );
-    store.shutdown().await.unwrap();
-    drop(store);
+    t.store.shutdown().await.unwrap();
+    drop(t);
     let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
     assert_eq!(store.logged_events(), 0);
     assert_eq!(
-        stream(store.sync(bob, 0, 1000).await.unwrap()),
+        pts_of(store.sync(bob, 0, 1000).await.unwrap()),
         (1..=n).collect::<Vec<_>>()
     );
     store.shutdown().await.unwrap();
@@ -346,59 +384,30 @@ async fn a_failed_merge_step_loses_nothing_and_is_tried_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_resend_index_step_keeps_the_entry() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
-    let alice = user(store.as_ref(), "alice").await;
-    let bob = user(store.as_ref(), "bob").await;
-    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
-    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
-    db.execute_batch(
+    let mut t = Refusing::new(
+        dir.path(),
         "CREATE TRIGGER refuse BEFORE INSERT ON client_ids WHEN NEW.client_msg_id = 'c2'
          BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
     )
-    .unwrap();
-    let written = |cid: &str| -> bool {
-        db.query_row(
-            "SELECT COUNT(*) FROM client_ids WHERE client_msg_id = ?1",
-            [cid],
-            |r| r.get::<_, i64>(0),
-        )
-        .unwrap()
-            == 1
+    .await;
+    let written = |t: &Refusing| {
+        t.count(
+            "SELECT COUNT(*) FROM client_ids WHERE client_msg_id = 'c2'",
+            [],
+        ) == 1
     };
-    let mut ids = Vec::new();
-    for n in 0..10 {
-        ids.push(
-            store
-                .send_direct(text(alice, bob, n))
-                .await
-                .unwrap()
-                .message
-                .id,
-        );
+    for _ in 0..10 {
+        t.send().await;
     }
-    assert!(!written("c2"), "the trigger did not refuse the merge");
-    let again = store.send_direct(text(alice, bob, 2)).await.unwrap();
-    assert_eq!((again.duplicate, again.message.id), (true, ids[2]));
-    db.execute_batch("DROP TRIGGER refuse").unwrap();
-    // Failed steps pause merging for a second; merges then run after write batches.
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let mut n = 10;
-    while !written("c2") && n < 200 {
-        ids.push(
-            store
-                .send_direct(text(alice, bob, n))
-                .await
-                .unwrap()
-                .message
-                .id,
-        );
-        n += 1;
-    }
-    assert!(written("c2"), "the refused entry was never written");
-    store.shutdown().await.unwrap();
-    drop(store);
+    assert!(!written(&t), "the trigger did not refuse the merge");
+    let again = t.store.send_direct(text(t.alice, t.bob, 2)).await.unwrap();
+    assert_eq!((again.duplicate, again.message.id), (true, t.sent[2]));
+    t.repair_until(written).await;
+    t.store.shutdown().await.unwrap();
+    let (alice, bob, sent) = (t.alice, t.bob, std::mem::take(&mut t.sent));
+    drop(t);
     let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
-    for (k, id) in ids.iter().enumerate() {
+    for (k, id) in sent.iter().enumerate() {
         let o = store.send_direct(text(alice, bob, k as u64)).await.unwrap();
         assert_eq!((o.duplicate, o.message.id), (true, *id), "resend of {k}");
     }
