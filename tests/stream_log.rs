@@ -244,8 +244,10 @@ async fn sync_sees_no_gap_while_merging() {
 }
 
 /// Writes that log many events each (a group's creation: one per member) against
-/// merge steps of one event: each step still takes at least what arrived since the
-/// last one, so the log stays under about twice its bound plus one write's events.
+/// merge steps of one event: each step still takes at least twice what arrived since
+/// the last one, so the events in memory stay under about twice the bound plus one
+/// write's events, and the log table (those plus the merged rows still to delete, a
+/// chunk per batch) under about three times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,7 +257,14 @@ async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
     for i in 0..41 {
         users.push(user(store.as_ref(), &format!("g{i}")).await);
     }
-    let mut most = 0;
+    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
+    let table = || -> usize {
+        db.query_row("SELECT COUNT(*) FROM updates_log", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap() as usize
+    };
+    let (mut most, mut most_table) = (0, 0);
     for n in 0..60 {
         let change = store
             .group_create(
@@ -270,8 +279,14 @@ async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
             .unwrap();
         assert_eq!(change.membership.len(), 41);
         most = most.max(store.logged_events());
+        most_table = most_table.max(table());
     }
     assert!(most <= 2 * (LOG_ROWS + 41), "the log held {most} events");
+    assert!(
+        most_table <= 3 * (LOG_ROWS + 41),
+        "the log table held {most_table} rows"
+    );
+    assert!(most_table > most, "no merged row waited to be deleted");
     assert!(most > LOG_ROWS, "no merge was needed: this checked nothing");
     store.shutdown().await.unwrap();
 }
@@ -411,5 +426,52 @@ async fn a_failed_resend_index_step_keeps_the_entry() {
         let o = store.send_direct(text(alice, bob, k as u64)).await.unwrap();
         assert_eq!((o.duplicate, o.message.id), (true, *id), "resend of {k}");
     }
+    store.shutdown().await.unwrap();
+}
+
+/// Deleting merged log rows failing (a trigger refuses it) leaves them in the table:
+/// the merges go on, every sync sees the whole stream, and once the cause is gone the
+/// rows are deleted; a restart finds the whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_trim_loses_nothing_and_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Refusing::new(
+        dir.path(),
+        "CREATE TRIGGER refuse BEFORE DELETE ON updates_log
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .await;
+    for _ in 0..10 {
+        t.send().await;
+    }
+    let bob = t.bob;
+    let merged = "SELECT COUNT(*) FROM updates WHERE user_id = ?1";
+    let logged = "SELECT COUNT(*) FROM updates_log";
+    assert!(t.count(merged, [bob.0 as i64]) > 0, "nothing was merged");
+    assert_eq!(
+        t.count(logged, []),
+        20,
+        "the trigger did not refuse the trim"
+    );
+    assert_eq!(
+        pts_of(t.store.sync(bob, 0, 100).await.unwrap()),
+        (1..=10).collect::<Vec<_>>()
+    );
+    // The rows the trigger kept are deleted once it is gone.
+    let kept = t.count("SELECT MAX(id) FROM updates_log", []);
+    t.repair_until(|t| t.count("SELECT COUNT(*) FROM updates_log WHERE id <= ?1", [kept]) == 0)
+        .await;
+    let n = t.sent.len() as u64;
+    assert_eq!(
+        pts_of(t.store.sync(bob, 0, 1000).await.unwrap()),
+        (1..=n).collect::<Vec<_>>()
+    );
+    t.store.shutdown().await.unwrap();
+    drop(t);
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    assert_eq!(
+        pts_of(store.sync(bob, 0, 1000).await.unwrap()),
+        (1..=n).collect::<Vec<_>>()
+    );
     store.shutdown().await.unwrap();
 }

@@ -318,7 +318,7 @@ impl Default for StoreConfig {
             cache_mib: 64,
             mmap_mib: 1024,
             stream_log_rows: 65_536,
-            stream_merge_rows: 2_048,
+            stream_merge_rows: 128,
         }
     }
 }

@@ -14,11 +14,12 @@
 //! in the write's own transaction, so it is exactly as durable as before; once the
 //! batch commits, the writer adds it to [`Recent`], the in-memory copy of the log that
 //! readers consult beside the index. When the log holds `store.stream_log_rows`
-//! events, a merge moves them into `updates` in (user, pts) order, a few thousand per
-//! transaction between write batches: each user's last page is written once for all
-//! of that user's events since the previous merge. The log rows go once the last step
-//! has moved every event up to the merge's start; a restart merges whatever is left
-//! (`INSERT OR IGNORE`: a step that committed before a crash left its rows in the log).
+//! events, a merge moves them into `updates` in (user, pts) order, a step in each
+//! write batch's transaction, each step at least as large as what the previous batch
+//! logged: each user's last page is written once for all of that user's events since
+//! the previous merge. Once the last step has moved every event up to the merge's
+//! start, the log rows up to there are deleted, a chunk per batch; a restart merges
+//! whatever is left (`INSERT OR IGNORE`: merged rows may still be in the log).
 //!
 //! Why readers never miss an event: the writer adds events here only after their
 //! commit, and removes them only after the commit that put them in `updates`. A reader
