@@ -55,7 +55,15 @@ struct WalBuf {
     /// The file offset of `data[0]`.
     start: i64,
     data: Vec<u8>,
+    /// The file's path, for the tests' write failures.
+    #[cfg(test)]
+    path: String,
 }
+
+/// Tests: the WAL files whose path contains this fail every flush, as a full or failing
+/// disk would make them (the buffered bytes are dropped, the call returns an error).
+#[cfg(test)]
+static FAIL_FLUSHES: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// The real file's part of our allocation starts here (8-byte aligned).
 const REAL_OFFSET: usize = std::mem::size_of::<ShimFile>().next_multiple_of(8);
@@ -130,6 +138,12 @@ unsafe extern "C" fn x_open(
             Box::into_raw(Box::new(WalBuf {
                 start: 0,
                 data: Vec::new(),
+                #[cfg(test)]
+                path: if name.is_null() {
+                    String::new()
+                } else {
+                    CStr::from_ptr(name).to_string_lossy().into_owned()
+                },
             }))
         } else {
             std::ptr::null_mut()
@@ -179,6 +193,16 @@ unsafe fn flush(f: *mut ffi::sqlite3_file) -> c_int {
             return ffi::SQLITE_OK;
         }
         let (real, m) = real(f);
+        #[cfg(test)]
+        if FAIL_FLUSHES
+            .lock()
+            .unwrap()
+            .as_deref()
+            .is_some_and(|p| (*wal).path.contains(p))
+        {
+            (*wal).data.clear();
+            return ffi::SQLITE_IOERR_WRITE;
+        }
         let data = &mut (*wal).data;
         let Some(w) = m.xWrite else {
             data.clear();
@@ -545,5 +569,83 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 2400);
+    }
+
+    fn count(c: &Connection) -> i64 {
+        c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A WAL flush that fails (at the commit's sync, or mid-transaction once the
+    /// buffer is full) fails the statement that caused it: the transaction is not
+    /// committed, nothing of it is seen, and the next transactions commit and read back
+    /// exactly, on this connection, another one, and after a reopen.
+    #[test]
+    fn a_failed_flush_fails_the_transaction_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let w = super::super::open(&path, false, 1, 0).unwrap();
+        w.execute_batch(
+            "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             PRAGMA wal_autocheckpoint=0;
+             CREATE TABLE t(id INTEGER PRIMARY KEY, round INTEGER NOT NULL, b BLOB NOT NULL);",
+        )
+        .unwrap();
+        let r = super::super::open(&path, true, 1, 0).unwrap();
+        let insert = |round: i64, n: i64| -> rusqlite::Result<()> {
+            for i in 0..n {
+                let id = round * 1000 + i;
+                w.execute(
+                    "INSERT INTO t(id, round, b) VALUES(?1, ?2, ?3)",
+                    params![id, round, row(id, round)],
+                )?;
+            }
+            Ok(())
+        };
+        let fail = |on: bool| {
+            *super::FAIL_FLUSHES.lock().unwrap() =
+                on.then(|| dir.path().to_string_lossy().into_owned());
+        };
+        w.execute_batch("BEGIN").unwrap();
+        insert(0, 10).unwrap();
+        w.execute_batch("COMMIT").unwrap();
+        // Fails at the commit: 10 rows stay below the buffer's size.
+        w.execute_batch("BEGIN").unwrap();
+        insert(1, 10).unwrap();
+        fail(true);
+        assert!(w.execute_batch("COMMIT").is_err(), "the commit succeeded");
+        fail(false);
+        let _ = w.execute_batch("ROLLBACK");
+        assert_eq!((count(&w), count(&r)), (10, 10));
+        // Fails mid-transaction: 2 KiB rows pass the 1 MiB buffer well before 900.
+        w.execute_batch("BEGIN").unwrap();
+        fail(true);
+        assert!(insert(2, 900).is_err(), "no write failed");
+        fail(false);
+        let _ = w.execute_batch("ROLLBACK");
+        assert_eq!((count(&w), count(&r)), (10, 10));
+        w.execute_batch("BEGIN").unwrap();
+        insert(3, 700).unwrap();
+        w.execute_batch("COMMIT").unwrap();
+        assert_eq!((count(&w), count(&r)), (710, 710));
+        drop(r);
+        drop(w);
+        let c = Connection::open(&path).unwrap();
+        let ok: String = c
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+        let rounds: Vec<(i64, i64)> = c
+            .prepare("SELECT round, COUNT(*) FROM t GROUP BY round ORDER BY round")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|x| x.unwrap())
+            .collect();
+        assert_eq!(rounds, vec![(0, 10), (3, 700)]);
+        let last: Vec<u8> = c
+            .query_row("SELECT b FROM t WHERE id = 3699", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(last, row(3699, 3));
     }
 }
