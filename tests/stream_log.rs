@@ -341,6 +341,20 @@ impl Refusing {
         }
         assert!(done(self), "the refused row was never merged");
     }
+
+    /// Bob's sync returns his whole stream (an event per message sent), and so it
+    /// does after a stop and a restart on `dir`, which left nothing logged.
+    async fn whole_stream_now_and_after_restart(self, dir: &std::path::Path) {
+        let (bob, n) = (self.bob, self.sent.len() as u64);
+        let all: Vec<u64> = (1..=n).collect();
+        assert_eq!(pts_of(self.store.sync(bob, 0, 1000).await.unwrap()), all);
+        self.store.shutdown().await.unwrap();
+        drop(self);
+        let store = SqliteStore::open(dir, &config(4, 2)).unwrap();
+        assert_eq!(store.logged_events(), 0);
+        assert_eq!(pts_of(store.sync(bob, 0, 1000).await.unwrap()), all);
+        store.shutdown().await.unwrap();
+    }
 }
 
 fn pts_of(page: SyncPage) -> Vec<u64> {
@@ -377,20 +391,7 @@ async fn a_failed_merge_step_loses_nothing_and_is_tried_again() {
         (1..=10).collect::<Vec<_>>()
     );
     t.repair_until(merged).await;
-    let n = t.sent.len() as u64;
-    assert_eq!(
-        pts_of(t.store.sync(bob, 0, 1000).await.unwrap()),
-        (1..=n).collect::<Vec<_>>()
-    );
-    t.store.shutdown().await.unwrap();
-    drop(t);
-    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
-    assert_eq!(store.logged_events(), 0);
-    assert_eq!(
-        pts_of(store.sync(bob, 0, 1000).await.unwrap()),
-        (1..=n).collect::<Vec<_>>()
-    );
-    store.shutdown().await.unwrap();
+    t.whole_stream_now_and_after_restart(dir.path()).await;
 }
 
 /// The resend index's merge step failing (a trigger refuses one entry) keeps the
@@ -461,17 +462,5 @@ async fn a_failed_log_trim_loses_nothing_and_is_tried_again() {
     let kept = t.count("SELECT MAX(id) FROM updates_log", []);
     t.repair_until(|t| t.count("SELECT COUNT(*) FROM updates_log WHERE id <= ?1", [kept]) == 0)
         .await;
-    let n = t.sent.len() as u64;
-    assert_eq!(
-        pts_of(t.store.sync(bob, 0, 1000).await.unwrap()),
-        (1..=n).collect::<Vec<_>>()
-    );
-    t.store.shutdown().await.unwrap();
-    drop(t);
-    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
-    assert_eq!(
-        pts_of(store.sync(bob, 0, 1000).await.unwrap()),
-        (1..=n).collect::<Vec<_>>()
-    );
-    store.shutdown().await.unwrap();
+    t.whole_stream_now_and_after_restart(dir.path()).await;
 }

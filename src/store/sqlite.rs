@@ -1757,9 +1757,10 @@ impl Store for SqliteStore {
             // One read transaction: the pts and the messages are one snapshot.
             c.execute_batch("BEGIN").map_err(read_err)?;
             let r = (|| {
-                // The stream log has no index by user: this scans it (at most about
-                // store.stream_log_rows rows, a few milliseconds), once per new
-                // device, so that the pts is exactly the snapshot's.
+                // The stream log has no index by user: this scans it (up to about
+                // three times store.stream_log_rows rows, merged ones waiting to be
+                // deleted included: a few milliseconds), once per new device, so
+                // that the pts is exactly the snapshot's.
                 let pts: i64 = c
                     .prepare_cached(
                         "SELECT MAX((SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1),

@@ -486,14 +486,10 @@ mod tests {
         (0..2048).map(|k| (i * 31 + k * 7 + round) as u8).collect()
     }
 
-    /// Transactions larger than the buffer (so it flushes mid-transaction) and a
-    /// cache small enough to spill (so SQLite rewrites frames of the open
-    /// transaction) read back exactly, from a second connection after each commit,
-    /// across a WAL reset, and from the default VFS after close.
-    #[test]
-    fn buffered_wal_reads_back_exactly() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
+    /// A database in `dir` with table `t`, WAL mode, no automatic checkpoints: its
+    /// path, a write connection and a read-only one (both through the shim).
+    fn wal_db(dir: &std::path::Path) -> (std::path::PathBuf, Connection, Connection) {
+        let path = dir.join("t.db");
         let w = super::super::open(&path, false, 1, 0).unwrap();
         w.execute_batch(
             "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
@@ -502,6 +498,17 @@ mod tests {
         )
         .unwrap();
         let r = super::super::open(&path, true, 1, 0).unwrap();
+        (path, w, r)
+    }
+
+    /// Transactions larger than the buffer (so it flushes mid-transaction) and a
+    /// cache small enough to spill (so SQLite rewrites frames of the open
+    /// transaction) read back exactly, from a second connection after each commit,
+    /// across a WAL reset, and from the default VFS after close.
+    #[test]
+    fn buffered_wal_reads_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, w, r) = wal_db(dir.path());
         for round in 0..6i64 {
             if round == 3 {
                 let busy: i64 = w
@@ -544,13 +551,7 @@ mod tests {
                 .unwrap();
             assert_eq!(last, row(round * 400 + 399, round));
         }
-        drop(r);
-        drop(w);
-        let c = Connection::open(&path).unwrap();
-        let ok: String = c
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(ok, "ok");
+        let c = closed_and_reopened(path, w, r);
         let mut s = c.prepare("SELECT id, round, b FROM t ORDER BY id").unwrap();
         let rows = s
             .query_map([], |r| {
@@ -571,6 +572,19 @@ mod tests {
         assert_eq!(n, 2400);
     }
 
+    /// Closes both connections and opens the database with SQLite's default VFS;
+    /// checks its integrity.
+    fn closed_and_reopened(path: std::path::PathBuf, w: Connection, r: Connection) -> Connection {
+        drop(r);
+        drop(w);
+        let c = Connection::open(&path).unwrap();
+        let ok: String = c
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+        c
+    }
+
     fn count(c: &Connection) -> i64 {
         c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
             .unwrap()
@@ -583,15 +597,7 @@ mod tests {
     #[test]
     fn a_failed_flush_fails_the_transaction_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let w = super::super::open(&path, false, 1, 0).unwrap();
-        w.execute_batch(
-            "PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
-             PRAGMA wal_autocheckpoint=0;
-             CREATE TABLE t(id INTEGER PRIMARY KEY, round INTEGER NOT NULL, b BLOB NOT NULL);",
-        )
-        .unwrap();
-        let r = super::super::open(&path, true, 1, 0).unwrap();
+        let (path, w, r) = wal_db(dir.path());
         let insert = |round: i64, n: i64| -> rusqlite::Result<()> {
             for i in 0..n {
                 let id = round * 1000 + i;
@@ -628,13 +634,7 @@ mod tests {
         insert(3, 700).unwrap();
         w.execute_batch("COMMIT").unwrap();
         assert_eq!((count(&w), count(&r)), (710, 710));
-        drop(r);
-        drop(w);
-        let c = Connection::open(&path).unwrap();
-        let ok: String = c
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(ok, "ok");
+        let c = closed_and_reopened(path, w, r);
         let rounds: Vec<(i64, i64)> = c
             .prepare("SELECT round, COUNT(*) FROM t GROUP BY round ORDER BY round")
             .unwrap()
