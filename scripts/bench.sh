@@ -5,9 +5,14 @@
 # has one. Prints one line per run and the medians; the JSON of every run is kept in
 # OUT_DIR (default /tmp/mychat-bench).
 #   scripts/bench.sh [ROW ...]      rows: idle login oto oto-light sat sat-any groups groups-half
+#                                   groups-sat
 #   RUNS=3 DATA=/tmp/mychat-bench-data PORT=7400 NATS=nats://127.0.0.1:4222
 #   OTO_LIGHT_RATE=5000 (one-to-one below capacity) GROUP_HALF_RATE (default: half the
 #   median msgs/s of the groups runs in OUT_DIR, so run `groups` first; else 1600)
+#   GROUP_SAT_RATE (default: the median delivered/s of the sat runs in OUT_DIR over the
+#   499 deliveries of a group message, so run `sat` first; else 40): groups-sat offers
+#   group messages at the saturate row's delivery rate, i.e. half the groups target's
+#   2 x saturate, the other reading of "p99 at half that rate"
 # Build first: cargo build --release -p mychat -p mychat-loadtest
 # The server runs with cheap password hashing (only the first run's setup hashes) and
 # the per-address limits lifted: every simulated user comes from 127.0.0.1.
@@ -16,7 +21,7 @@ cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"; DATA="${DATA:-/tmp/mychat-bench-data}"; PORT="${PORT:-7400}"
 NATS="${NATS:-nats://127.0.0.1:4222}"; OUT_DIR="${OUT_DIR:-/tmp/mychat-bench}"
 mkdir -p "$OUT_DIR"
-ROWS=("$@"); [ ${#ROWS[@]} -gt 0 ] || ROWS=(idle login oto oto-light sat sat-any groups groups-half)
+ROWS=("$@"); [ ${#ROWS[@]} -gt 0 ] || ROWS=(idle login oto oto-light sat sat-any groups groups-half groups-sat)
 export MYCHAT__AUTH__ARGON2_M_COST_KIB=64 MYCHAT__AUTH__ARGON2_T_COST=1 \
   MYCHAT__SERVER__MAX_CONNECTIONS_PER_ADDR=100000 \
   MYCHAT__AUTH__REGISTRATIONS_PER_ADDR_PER_MIN=1000000 \
@@ -60,6 +65,13 @@ for row in "${ROWS[@]}"; do
       fi
       echo "groups-half at ${half:-1600} msgs/s"
       run_row groups-half --scenario config/loadtest/groups.toml --mode open --rate "${half:-1600}" ;;
+    groups-sat)
+      rate="${GROUP_SAT_RATE:-}"
+      if [ -z "$rate" ] && ls "$OUT_DIR"/sat-[0-9]*.json >/dev/null 2>&1; then
+        rate=$(python3 -c 'import json,sys,statistics; print(max(1, round(statistics.median(json.load(open(f))["deliveries_per_sec"] for f in sys.argv[1:]) / 499)))' "$OUT_DIR"/sat-[0-9]*.json)
+      fi
+      echo "groups-sat at ${rate:-40} msgs/s"
+      run_row groups-sat --scenario config/loadtest/groups.toml --mode open --rate "${rate:-40}" ;;
     *) echo "unknown row $row"; exit 2 ;;
   esac
 done
