@@ -24,6 +24,7 @@
 //! logins/s, a figure of the harness, not the server. With five addresses it is gone.
 
 mod metrics;
+mod push;
 mod run;
 mod scenario;
 mod setup;

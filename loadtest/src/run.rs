@@ -10,6 +10,7 @@
 //! devices, or group members' devices) once it is acked; lost = expected - delivered
 //! after the drain.
 
+use crate::push::{self, Got};
 use crate::scenario::{Mode, Scenario};
 use crate::setup::{State, PLATFORMS};
 use crate::wire::{code_name, connect};
@@ -141,10 +142,6 @@ fn text_for(size: usize, tag: u64) -> String {
         t.push('x');
     }
     t
-}
-
-fn parse_sent(text: &[u8]) -> Option<u64> {
-    std::str::from_utf8(text.get(..20)?).ok()?.parse().ok()
 }
 
 /// Connects and logs in every device of this process (at `login_rate` per second in
@@ -364,7 +361,7 @@ async fn device_conn(
     );
     let mut kicked = false;
     // Pushes that arrive while a re-sync is in flight: counted after it, in order.
-    let mut held: Vec<mychat_proto::Message> = Vec::new();
+    let mut held: Vec<Got> = Vec::new();
     loop {
         if let Some(at) = st.stall_at {
             if Instant::now() >= at && logged_in {
@@ -457,8 +454,8 @@ async fn device_conn(
                                 let e = mychat_proto::Error::decode(f.body)?;
                                 stats.error(format!("sync {}", code_name(e.code)));
                                 syncing = None;
-                                for m in held.drain(..) {
-                                    receive(stats, &mut st.seen, &m, false);
+                                for g in held.drain(..) {
+                                    receive(stats, &mut st.seen, &g, false);
                                 }
                                 continue;
                             }
@@ -468,15 +465,15 @@ async fn device_conn(
                                     if m.sender_id == my_id && s.devices_per_user == 1 {
                                         continue; // this device's own sends
                                     }
-                                    if receive(stats, &mut st.seen, &m, true) {
+                                    if receive(stats, &mut st.seen, &Got::of(&m), true) {
                                         stats.synced.fetch_add(1, Relaxed);
                                     }
                                 }
                             }
                             st.last_pts = st.last_pts.max(p.pts);
                             if !p.has_more {
-                                for m in held.drain(..) {
-                                    receive(stats, &mut st.seen, &m, true);
+                                for g in held.drain(..) {
+                                    receive(stats, &mut st.seen, &g, true);
                                 }
                             }
                             if p.has_more {
@@ -518,13 +515,13 @@ async fn device_conn(
                             }
                         }
                     } else if h.is_push() && h.command == Command::MessagePush.id() {
-                        let p = MessagePush::decode(f.body)?;
-                        st.last_pts = st.last_pts.max(p.pts);
-                        let Some(m) = p.message else { continue };
+                        let (got, pts) = push::parse(&f.body)?;
+                        st.last_pts = st.last_pts.max(pts);
+                        let Some(g) = got else { continue };
                         if syncing.is_some() {
-                            held.push(m);
+                            held.push(g);
                         } else {
-                            receive(stats, &mut st.seen, &m, false);
+                            receive(stats, &mut st.seen, &g, false);
                         }
                     } else if h.is_push() && h.command == Command::Kick.id() {
                         let k = KickPush::decode(f.body)?;
@@ -561,11 +558,11 @@ async fn device_conn(
 /// Counts one received message (push or sync) against the verification: true when it
 /// was new. A re-sync may return what a push already brought (`from_sync`): that is
 /// not a duplicate.
-fn receive(stats: &Stats, st: &mut Seen, m: &mychat_proto::Message, from_sync: bool) -> bool {
+fn receive(stats: &Stats, st: &mut Seen, m: &Got, from_sync: bool) -> bool {
     if m.kind != MessageKind::Text as i32 {
         return false; // notices of the setup
     }
-    let Some(sent) = parse_sent(m.text.as_bytes()) else {
+    let Some(sent) = m.sent else {
         return false;
     };
     let last = st.last_seq.entry(m.conversation_id).or_insert(0);
@@ -676,7 +673,7 @@ async fn nats_device(
                         }
                         let payload = rbuf[eol + 2..eol + 2 + len].to_vec();
                         rbuf.advance(eol + 2 + len + 2);
-                        if let Some(sent) = parse_sent(&payload) {
+                        if let Some(sent) = push::parse_sent(&payload) {
                             stats.delivered.fetch_add(1, Relaxed);
                             if stats.measuring.load(Relaxed) {
                                 stats.delivered_window.fetch_add(1, Relaxed);
