@@ -49,6 +49,14 @@ run_row() { # NAME LOADTEST-ARGS...
   python3 scripts/bench-line.py --median "$name" "$OUT_DIR"/"$name"-[0-9]*.json
 }
 
+derived_rate() { # ROW FIELD DIVISOR DEFAULT: the median FIELD of ROW's runs in OUT_DIR / DIVISOR
+  if ls "$OUT_DIR/$1"-[0-9]*.json >/dev/null 2>&1; then
+    python3 -c 'import json,sys,statistics; print(max(1, round(statistics.median(json.load(open(f))[sys.argv[1]] for f in sys.argv[3:]) / float(sys.argv[2]))))' "$2" "$3" "$OUT_DIR/$1"-[0-9]*.json
+  else
+    echo "$4"
+  fi
+}
+
 for row in "${ROWS[@]}"; do
   case "$row" in
     idle) run_row idle --scenario config/loadtest/idle-19k.toml ;;
@@ -59,19 +67,13 @@ for row in "${ROWS[@]}"; do
     sat-any) run_row sat-any --scenario config/loadtest/saturate-10k.toml --contacts 0 ;;
     groups) run_row groups --scenario config/loadtest/groups.toml ;;
     groups-half)
-      half="${GROUP_HALF_RATE:-}"
-      if [ -z "$half" ] && ls "$OUT_DIR"/groups-[0-9]*.json >/dev/null 2>&1; then
-        half=$(python3 -c 'import json,sys,statistics; print(round(statistics.median(json.load(open(f))["msgs_per_sec"] for f in sys.argv[1:]) / 2))' "$OUT_DIR"/groups-[0-9]*.json)
-      fi
-      echo "groups-half at ${half:-1600} msgs/s"
-      run_row groups-half --scenario config/loadtest/groups.toml --mode open --rate "${half:-1600}" ;;
+      rate="${GROUP_HALF_RATE:-$(derived_rate groups msgs_per_sec 2 1600)}"
+      echo "groups-half at $rate msgs/s"
+      run_row groups-half --scenario config/loadtest/groups.toml --mode open --rate "$rate" ;;
     groups-sat)
-      rate="${GROUP_SAT_RATE:-}"
-      if [ -z "$rate" ] && ls "$OUT_DIR"/sat-[0-9]*.json >/dev/null 2>&1; then
-        rate=$(python3 -c 'import json,sys,statistics; print(max(1, round(statistics.median(json.load(open(f))["deliveries_per_sec"] for f in sys.argv[1:]) / 499)))' "$OUT_DIR"/sat-[0-9]*.json)
-      fi
-      echo "groups-sat at ${rate:-40} msgs/s"
-      run_row groups-sat --scenario config/loadtest/groups.toml --mode open --rate "${rate:-40}" ;;
+      rate="${GROUP_SAT_RATE:-$(derived_rate sat deliveries_per_sec 499 40)}"
+      echo "groups-sat at $rate msgs/s"
+      run_row groups-sat --scenario config/loadtest/groups.toml --mode open --rate "$rate" ;;
     *) echo "unknown row $row"; exit 2 ;;
   esac
 done

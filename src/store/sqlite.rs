@@ -2251,6 +2251,93 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    fn text(sender: UserId, recipient: UserId, n: u64) -> SendInput {
+        SendInput {
+            sender,
+            recipient,
+            client_msg_id: format!("c{n}"),
+            kind: 1,
+            text: format!("message {n}"),
+            payload: bytes::Bytes::new(),
+            now_ms: n as i64,
+            require_friend: false,
+            origin: None,
+        }
+    }
+
+    /// Bob's stream as (pts, message text).
+    async fn stream_of(store: &SqliteStore, bob: UserId) -> Vec<(u64, String)> {
+        let page = store.sync(bob, 0, 1000).await.unwrap();
+        page.updates
+            .into_iter()
+            .map(|(pts, ev)| match ev {
+                UpdateEvent::Message(m) => (pts, m.text),
+                other => panic!("unexpected event {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Write batches whose commit fails (the WAL write fails, as on a failing disk)
+    /// while merges run: every write of them is refused and none is seen; the write
+    /// after takes the next seq and pts as if they never were (the writer's caches and
+    /// the merges' progress went back with the batch), and a restart right after finds
+    /// every acknowledged message, by its stream and by its client id.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_refuses_its_writes_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        // Merges start at 4 waiting entries: after 12 sends the resend index holds 4,
+        // so each failing batch carries the first (and last) step of its merge.
+        let cfg = mychat_config::StoreConfig {
+            stream_log_rows: 4,
+            stream_merge_rows: 2,
+            ..Default::default()
+        };
+        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+        let mut ids = Vec::new();
+        for name in ["alice", "bob"] {
+            ids.push(
+                store
+                    .create_user(name.into(), "x".into(), 0)
+                    .await
+                    .unwrap()
+                    .id,
+            );
+        }
+        let (alice, bob) = (ids[0], ids[1]);
+        let (mut want, mut acked) = (Vec::new(), Vec::new());
+        let mut send_acked = async |n: u64, seq: u64| {
+            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
+            assert_eq!((o.message.seq, o.duplicate), (seq, false));
+            want.push((seq, format!("message {n}")));
+            acked.push((n, o.message.id));
+        };
+        for n in 0..12u64 {
+            send_acked(n, n + 1).await;
+        }
+        *walbuf::FAIL_FLUSHES.lock().unwrap() = Some(dir.path().to_string_lossy().into_owned());
+        for n in 100..103u64 {
+            assert!(
+                store.send_direct(text(alice, bob, n)).await.is_err(),
+                "a write of a failed commit was acknowledged"
+            );
+        }
+        *walbuf::FAIL_FLUSHES.lock().unwrap() = None;
+        send_acked(12, 13).await;
+        assert_eq!(stream_of(&store, bob).await, want);
+        store.shutdown().await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+        assert_eq!(stream_of(&store, bob).await, want);
+        for (n, id) in acked {
+            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
+            assert_eq!((o.duplicate, o.message.id), (true, id), "resend of {n}");
+        }
+        // A refused write's client id was never taken: sent again, it is new.
+        let o = store.send_direct(text(alice, bob, 100)).await.unwrap();
+        assert_eq!((o.message.seq, o.duplicate), (14, false));
+        store.shutdown().await.unwrap();
+    }
+
     /// The resend index's rows: (sender, client message id, message id), in key order.
     fn client_id_rows(c: &Connection) -> Vec<(i64, String, i64)> {
         c.prepare("SELECT sender_id, client_msg_id, msg_id FROM client_ids ORDER BY 1, 2")

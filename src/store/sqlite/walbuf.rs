@@ -63,7 +63,7 @@ struct WalBuf {
 /// Tests: the WAL files whose path contains this fail every flush, as a full or failing
 /// disk would make them (the buffered bytes are dropped, the call returns an error).
 #[cfg(test)]
-static FAIL_FLUSHES: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+pub(super) static FAIL_FLUSHES: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// The real file's part of our allocation starts here (8-byte aligned).
 const REAL_OFFSET: usize = std::mem::size_of::<ShimFile>().next_multiple_of(8);
