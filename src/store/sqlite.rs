@@ -594,7 +594,6 @@ fn conv_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConvRecord> {
     })
 }
 
-/// The writer thread's state: the one write connection and the exact caches.
 /// What the merge parts of a batch wrote, for memory once the batch commits.
 #[derive(Default)]
 struct MergeWork {
@@ -612,6 +611,7 @@ struct StreamStep {
     next: Option<Option<UserId>>,
 }
 
+/// The writer thread's state: the one write connection and the exact caches.
 struct Writer {
     conn: Connection,
     last_seq: HashMap<ConvId, u64>,
@@ -1119,8 +1119,8 @@ impl Writer {
     /// The merges' share of a write batch, run inside the batch's transaction just
     /// before its COMMIT: the next step of the stream log's merge, the next chunk of
     /// merged log rows to delete, the next step of the resend index's merge. Each
-    /// takes at least `stream_merge_rows` rows and twice what the previous batch
-    /// logged, so a merge gains on what arrives while it runs and its work is spread
+    /// takes at least `stream_merge_rows` rows and what the previous batch logged, so
+    /// a merge keeps pace with what arrives while it runs and its work is spread
     /// thinly over the batches instead of stopping the writes in bursts. Why inside
     /// the batch: a step in a transaction of its own paid its own commit and fsync,
     /// and a merge of the whole log ran as ~30 such steps back to back, each 3-13 ms,
@@ -2314,14 +2314,14 @@ mod tests {
         for n in 0..12u64 {
             send_acked(n, n + 1).await;
         }
-        *walbuf::FAIL_FLUSHES.lock().unwrap() = Some(dir.path().to_string_lossy().into_owned());
+        walbuf::fail_flushes_under(dir.path(), true);
         for n in 100..103u64 {
             assert!(
                 store.send_direct(text(alice, bob, n)).await.is_err(),
                 "a write of a failed commit was acknowledged"
             );
         }
-        *walbuf::FAIL_FLUSHES.lock().unwrap() = None;
+        walbuf::fail_flushes_under(dir.path(), false);
         send_acked(12, 13).await;
         assert_eq!(stream_of(&store, bob).await, want);
         store.shutdown().await.unwrap();

@@ -60,10 +60,22 @@ struct WalBuf {
     path: String,
 }
 
-/// Tests: the WAL files whose path contains this fail every flush, as a full or failing
-/// disk would make them (the buffered bytes are dropped, the call returns an error).
+/// Tests: the WAL files whose path contains one of these fail every flush, as a full or
+/// failing disk would make them (the buffered bytes are dropped, the call returns an
+/// error). One entry per test that wants failures: tests run in parallel.
 #[cfg(test)]
-pub(super) static FAIL_FLUSHES: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+static FAIL_FLUSHES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Tests: makes every flush of a WAL file under `dir` fail (`on`), or stops it.
+#[cfg(test)]
+pub(super) fn fail_flushes_under(dir: &std::path::Path, on: bool) {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut f = FAIL_FLUSHES.lock().unwrap();
+    f.retain(|d| *d != dir);
+    if on {
+        f.push(dir);
+    }
+}
 
 /// The real file's part of our allocation starts here (8-byte aligned).
 const REAL_OFFSET: usize = std::mem::size_of::<ShimFile>().next_multiple_of(8);
@@ -197,8 +209,8 @@ unsafe fn flush(f: *mut ffi::sqlite3_file) -> c_int {
         if FAIL_FLUSHES
             .lock()
             .unwrap()
-            .as_deref()
-            .is_some_and(|p| (*wal).path.contains(p))
+            .iter()
+            .any(|d| (*wal).path.contains(d.as_str()))
         {
             (*wal).data.clear();
             return ffi::SQLITE_IOERR_WRITE;
@@ -608,10 +620,7 @@ mod tests {
             }
             Ok(())
         };
-        let fail = |on: bool| {
-            *super::FAIL_FLUSHES.lock().unwrap() =
-                on.then(|| dir.path().to_string_lossy().into_owned());
-        };
+        let fail = |on: bool| super::fail_flushes_under(dir.path(), on);
         w.execute_batch("BEGIN").unwrap();
         insert(0, 10).unwrap();
         w.execute_batch("COMMIT").unwrap();
