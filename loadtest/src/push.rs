@@ -1,8 +1,9 @@
 //! What the verification needs of a received message, read straight from a
 //! MESSAGE_PUSH body: a group message is half a million pushes a second in the groups
 //! scenario, and decoding each into a `MessagePush` (a `String` for the text, checked
-//! as UTF-8, a `Vec` for the payload, every field) was about a tenth of the loadtest's
-//! CPU there. This reads the protobuf wire format only as far as the fields below,
+//! as UTF-8, a `Vec` for the payload, every field) cost the loadtest 537 µs of CPU per
+//! group message at 1,400 msgs/s against 504 µs reading it this way (medians of three
+//! alternating runs). This reads the protobuf wire format only as far as the fields below,
 //! skipping the rest, and allocates nothing.
 
 use mychat_proto::Message;
