@@ -271,7 +271,28 @@ impl Io {
             if rbuf.capacity() - rbuf.len() < 1024 {
                 rbuf.reserve(4096);
             }
-            return match self.stream.try_read_buf(rbuf) {
+            // One read per wakeup, as tokio's own `poll_read` does: a read that leaves
+            // part of the buffer unfilled has drained the socket, so its readiness is
+            // cleared here instead of by a second read that returns WouldBlock (that
+            // was one `recvfrom` in two, measured at one-to-one 20,000 msgs/s). Safe
+            // against a race: tokio clears readiness only if no new event arrived
+            // since it was observed, and never clears a seen end of stream.
+            let stream = &self.stream;
+            let mut drained = false;
+            let r = stream.try_io(Interest::READABLE, || {
+                let spare = rbuf.spare_capacity_mut();
+                let room = spare.len();
+                let n = socket2::SockRef::from(stream).recv(spare)?;
+                // SAFETY: recv initialised the first n bytes of the spare capacity.
+                unsafe { rbuf.set_len(rbuf.len() + n) };
+                if n > 0 && n < room {
+                    drained = true;
+                    return Err(ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            return match r {
+                _ if drained => ReadOutcome::Data,
                 Ok(0) => ReadOutcome::Eof,
                 Ok(_) => ReadOutcome::Data,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => ReadOutcome::WouldBlock,

@@ -287,3 +287,42 @@ async fn pipelined_login_is_a_barrier() {
     }
     assert_eq!(got, vec![1, 2, 3]);
 }
+
+/// The server reads once per wakeup and takes a short read as "drained" (conn.rs):
+/// frames that arrive in pieces, a burst larger than one read, and an end of stream
+/// right behind the last bytes must each still be seen.
+#[tokio::test]
+async fn pieces_bursts_and_a_close_behind_data_are_all_read() {
+    use tokio::io::AsyncWriteExt as _;
+    let s = TestServer::start().await;
+    let mut r = Raw::connect(&s.addr).await;
+    // One frame in three pieces, each its own read on the server.
+    let hb = mychat_codec::frame_bytes(mychat_codec::Header::request(1001, 7), b"");
+    for piece in [&hb[..3], &hb[3..9], &hb[9..]] {
+        r.send_bytes(piece).await;
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    assert_eq!(r.frame().await.unwrap().header.seq, 7);
+    // 2,000 frames (24,000 bytes) in one write: more than one read's buffer.
+    let mut wire = Vec::new();
+    for seq in 1..=2000u32 {
+        wire.extend_from_slice(&mychat_codec::frame_bytes(
+            mychat_codec::Header::request(1001, seq),
+            b"",
+        ));
+    }
+    r.send_bytes(&wire).await;
+    let mut seen = Vec::new();
+    for _ in 0..2000 {
+        seen.push(r.frame().await.expect("every frame answered").header.seq);
+    }
+    seen.sort();
+    assert_eq!(seen, (1..=2000).collect::<Vec<_>>());
+    // A piece of a frame and the end of stream right behind it: the server notices
+    // the close at once (not at the idle timeout, 30 s by default) and closes too.
+    r.send_bytes(&hb[..5]).await;
+    r.s.shutdown().await.unwrap();
+    let started = std::time::Instant::now();
+    r.expect_closed().await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
