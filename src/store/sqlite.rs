@@ -378,6 +378,26 @@ impl SqliteStore {
             .spawn(move || Writer::new(w, wpub, wrecent, &wcfg).run(wrx, max_batch, finish))
             .map_err(internal)?;
         let cp_conn = open(&path, false, 1, 0)?;
+        // The checkpointer's passes copy frames into the database without syncing it
+        // (nor the WAL, whose committed frames the writer synced at each commit); the
+        // kernel is told to start writing them out after each pass (see
+        // `start_writeback`), and the database is synced before the WAL starts over
+        // (the writer's finishing checkpoint does, and walbuf makes sure: it syncs
+        // the database before any WAL content is overwritten, truncated or deleted).
+        // Until then every copied frame is still in the WAL, which recovery replays.
+        // Why: on a grown database each pass ended in an fsync writing back thousands
+        // of scattered pages, passes took hundreds of milliseconds, and the frames
+        // written meanwhile were left to the writer's finishing pass, which stopped
+        // the writes 40-170 ms once a second. One-to-one at 15,000 msgs/s on a 1.2 GB
+        // database (3.4M messages), five alternating pairs: p99 134 / 113 / 106 / 98 /
+        // 220 -> 54 / 52 / 97 / 45 / 71 ms (median 113 -> 54), p90 median 21 -> 12 ms;
+        // in the two instrumented pairs the finishing pass median 49 / 27 -> 26 / 24 ms
+        // and max 136 / 173 -> 58 / 52 ms. Without the early writeback the finishing
+        // pass, left to write out everything, took 190-280 ms.
+        cp_conn
+            .execute_batch("PRAGMA synchronous=OFF")
+            .map_err(internal)?;
+        let cp_db = std::fs::File::open(&path).map_err(internal)?;
         let cp_closing = closing.clone();
         let cp_finish = finish_wanted;
         let checkpointer = std::thread::Builder::new()
@@ -405,6 +425,9 @@ impl SqliteStore {
                         .unwrap_or(seen);
                     let busy = now != seen;
                     seen = now;
+                    if busy {
+                        start_writeback(&cp_db);
+                    }
                     std::thread::sleep(Duration::from_millis(if busy { 5 } else { 50 }));
                 }
             })
@@ -493,6 +516,25 @@ impl SqliteStore {
 /// resend entry of the messages past `client_ids_upto` into `client_ids`, in one
 /// transaction. A merge step that committed before a crash left rows in both places:
 /// `OR IGNORE` keeps the copy already there (the same row).
+/// Starts writing the database file's dirty pages to disk without waiting for them
+/// (Linux: `sync_file_range`), so that the sync before the WAL starts over finds little
+/// left to write. Elsewhere it syncs, which waits.
+fn start_writeback(f: &std::fs::File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor; the call only schedules writeback. Its result
+        // is advice: a failure leaves the pages to the sync before the WAL starts over.
+        unsafe {
+            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = f.sync_data();
+    }
+}
+
 fn merge_all(c: &Connection) -> Result<(), StoreError> {
     c.execute_batch(
         "BEGIN IMMEDIATE;
