@@ -140,8 +140,13 @@ async fn request_level_errors_keep_the_connection() {
 async fn pipelined_requests_all_answered_with_their_seq() {
     let s = TestServer::start().await;
     let mut r = Raw::connect(&s.addr).await;
+    heartbeats_in_one_write_all_answered(&mut r, 50).await;
+}
+
+/// Sends heartbeats with seq 1..=n in one write; each is answered with its seq.
+async fn heartbeats_in_one_write_all_answered(r: &mut Raw, n: u32) {
     let mut wire = Vec::new();
-    for seq in 1..=50u32 {
+    for seq in 1..=n {
         wire.extend_from_slice(&mychat_codec::frame_bytes(
             mychat_codec::Header::request(1001, seq),
             b"",
@@ -149,11 +154,11 @@ async fn pipelined_requests_all_answered_with_their_seq() {
     }
     r.send_bytes(&wire).await;
     let mut seen = Vec::new();
-    for _ in 0..50 {
-        seen.push(r.frame().await.unwrap().header.seq);
+    for _ in 0..n {
+        seen.push(r.frame().await.expect("every frame answered").header.seq);
     }
     seen.sort();
-    assert_eq!(seen, (1..=50).collect::<Vec<_>>());
+    assert_eq!(seen, (1..=n).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -304,20 +309,7 @@ async fn pieces_bursts_and_a_close_behind_data_are_all_read() {
     }
     assert_eq!(r.frame().await.unwrap().header.seq, 7);
     // 2,000 frames (24,000 bytes) in one write: more than one read's buffer.
-    let mut wire = Vec::new();
-    for seq in 1..=2000u32 {
-        wire.extend_from_slice(&mychat_codec::frame_bytes(
-            mychat_codec::Header::request(1001, seq),
-            b"",
-        ));
-    }
-    r.send_bytes(&wire).await;
-    let mut seen = Vec::new();
-    for _ in 0..2000 {
-        seen.push(r.frame().await.expect("every frame answered").header.seq);
-    }
-    seen.sort();
-    assert_eq!(seen, (1..=2000).collect::<Vec<_>>());
+    heartbeats_in_one_write_all_answered(&mut r, 2000).await;
     // A piece of a frame and the end of stream right behind it: the server notices
     // the close at once (not at the idle timeout, 30 s by default) and closes too.
     r.send_bytes(&hb[..5]).await;

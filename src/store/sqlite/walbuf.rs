@@ -593,6 +593,17 @@ mod tests {
         (0..2048).map(|k| (i * 31 + k * 7 + round) as u8).collect()
     }
 
+    /// Inserts rows `first .. first + n` of `round` into `t` (no transaction of its own).
+    fn insert(w: &Connection, round: i64, first: i64, n: i64) -> rusqlite::Result<()> {
+        for id in first..first + n {
+            w.execute(
+                "INSERT INTO t(id, round, b) VALUES(?1, ?2, ?3)",
+                params![id, round, row(id, round)],
+            )?;
+        }
+        Ok(())
+    }
+
     /// A database in `dir` with table `t`, WAL mode, no automatic checkpoints: its
     /// path, a write connection and a read-only one (both through the shim).
     fn wal_db(dir: &std::path::Path) -> (std::path::PathBuf, Connection, Connection) {
@@ -624,14 +635,7 @@ mod tests {
                 assert_eq!(busy, 0);
             }
             w.execute_batch("BEGIN").unwrap();
-            for i in 0..400 {
-                let id = round * 400 + i;
-                w.execute(
-                    "INSERT INTO t(id, round, b) VALUES(?1, ?2, ?3)",
-                    params![id, round, row(id, round)],
-                )
-                .unwrap();
-            }
+            insert(&w, round, round * 400, 400).unwrap();
             // The first rows of this round change again: their pages were spilled to
             // the WAL earlier in this transaction.
             for i in 0..50 {
@@ -689,16 +693,9 @@ mod tests {
         let (path, w, r) = wal_db(dir.path());
         let cp = super::super::open(&path, false, 1, 0).unwrap();
         cp.execute_batch("PRAGMA synchronous=OFF").unwrap();
-        let insert = |round: i64| {
+        let commit_round = |round: i64| {
             w.execute_batch("BEGIN").unwrap();
-            for i in 0..100 {
-                let id = round * 100 + i;
-                w.execute(
-                    "INSERT INTO t(id, round, b) VALUES(?1, ?2, ?3)",
-                    params![id, round, row(id, round)],
-                )
-                .unwrap();
-            }
+            insert(&w, round, round * 100, 100).unwrap();
             w.execute_batch("COMMIT").unwrap();
         };
         let checkpoint = |c: &Connection, mode: &str| -> (i64, i64, i64) {
@@ -707,14 +704,14 @@ mod tests {
             })
             .unwrap()
         };
-        insert(0);
+        commit_round(0);
         // The checkpointer copies every frame, and syncs nothing.
         let (busy, log, copied) = checkpoint(&cp, "PASSIVE");
         assert_eq!(busy, 0);
         assert!(log > 0 && copied == log, "{log} frames, {copied} copied");
         let synced = super::db_syncs(&path);
         // The next transaction starts the WAL over: the database is synced first.
-        insert(1);
+        commit_round(1);
         assert_eq!(super::db_syncs(&path), synced + 1);
         let (_, log_after, _) = checkpoint(&cp, "PASSIVE");
         assert!(
@@ -725,7 +722,7 @@ mod tests {
         let synced = super::db_syncs(&path);
         assert_eq!(checkpoint(&w, "TRUNCATE").0, 0);
         assert_eq!(super::db_syncs(&path), synced + 1);
-        insert(2);
+        commit_round(2);
         checkpoint(&cp, "PASSIVE");
         // The last connection to close (the checkpointer's) checkpoints without a
         // sync and deletes the WAL: the database is synced before the deletion.
@@ -769,16 +766,7 @@ mod tests {
     fn a_failed_flush_fails_the_transaction_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let (path, w, r) = wal_db(dir.path());
-        let insert = |round: i64, n: i64| -> rusqlite::Result<()> {
-            for i in 0..n {
-                let id = round * 1000 + i;
-                w.execute(
-                    "INSERT INTO t(id, round, b) VALUES(?1, ?2, ?3)",
-                    params![id, round, row(id, round)],
-                )?;
-            }
-            Ok(())
-        };
+        let insert = |round: i64, n: i64| insert(&w, round, round * 1000, n);
         let fail = |on: bool| super::fail_flushes_under(dir.path(), on);
         w.execute_batch("BEGIN").unwrap();
         insert(0, 10).unwrap();
