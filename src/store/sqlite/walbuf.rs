@@ -99,11 +99,35 @@ pub(super) fn db_syncs(db: &std::path::Path) -> usize {
     DB_SYNCS.lock().unwrap().iter().filter(|p| *p == db).count()
 }
 
+/// Tests: the databases under these directories fail every [`sync_database`].
+#[cfg(test)]
+static FAIL_DB_SYNCS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Tests: makes every database sync under `dir` fail (`on`), or stops it.
+#[cfg(test)]
+pub(super) fn fail_db_syncs_under(dir: &std::path::Path, on: bool) {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut f = FAIL_DB_SYNCS.lock().unwrap();
+    f.retain(|d| *d != dir);
+    if on {
+        f.push(dir);
+    }
+}
+
 /// Makes the database file `db` durable (its data and size), before SQLite discards
 /// content of its WAL; an error fails the SQLite call that would have discarded it.
 /// Once a second under steady writes (the writer's finishing checkpoint lets the WAL
 /// start over), right after that checkpoint's own sync: little is left to write.
 fn sync_database(db: &std::path::Path) -> c_int {
+    #[cfg(test)]
+    if FAIL_DB_SYNCS
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|d| db.to_string_lossy().contains(d.as_str()))
+    {
+        return ffi::SQLITE_IOERR_FSYNC;
+    }
     match std::fs::File::open(db).and_then(|f| f.sync_all()) {
         Ok(()) => {
             #[cfg(test)]
@@ -738,6 +762,51 @@ mod tests {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
         assert_eq!(ok, "ok");
+    }
+
+    /// A database sync that fails refuses what would discard WAL content: the commit
+    /// that would start the WAL over fails and nothing of it is seen; once syncs work
+    /// again the next commit starts it over, and every row is there after a reopen.
+    #[test]
+    fn a_failed_database_sync_keeps_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, w, r) = wal_db(dir.path());
+        let cp = super::super::open(&path, false, 1, 0).unwrap();
+        cp.execute_batch("PRAGMA synchronous=OFF").unwrap();
+        let commit_round = |round: i64| -> rusqlite::Result<()> {
+            w.execute_batch("BEGIN")?;
+            insert(&w, round, round * 100, 100)?;
+            w.execute_batch("COMMIT")
+        };
+        commit_round(0).unwrap();
+        let backfill = || {
+            let (busy, log, copied): (i64, i64, i64) = cp
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .unwrap();
+            assert!(busy == 0 && copied == log, "{log} frames, {copied} copied");
+            log
+        };
+        let log = backfill();
+        let wal_file = dir.path().join("t.db-wal");
+        let header = || std::fs::read(&wal_file).unwrap()[..32].to_vec();
+        let before = header();
+        super::fail_db_syncs_under(dir.path(), true);
+        assert!(commit_round(1).is_err(), "the WAL started over unsynced");
+        super::fail_db_syncs_under(dir.path(), false);
+        let _ = w.execute_batch("ROLLBACK");
+        assert_eq!((count(&w), count(&r)), (100, 100));
+        // The file still holds the old header, so the first round's frames, which
+        // recovery would replay.
+        assert_eq!(header(), before);
+        commit_round(1).unwrap();
+        assert_ne!(header(), before);
+        assert_eq!((count(&w), count(&r)), (200, 200));
+        assert!(backfill() < log, "the WAL did not start over");
+        drop(cp);
+        let c = closed_and_reopened(path, w, r);
+        assert_eq!(count(&c), 200);
     }
 
     /// Closes both connections and opens the database with SQLite's default VFS;
