@@ -71,21 +71,44 @@ struct WalBuf {
     path: String,
 }
 
-/// Tests: the WAL files whose path contains one of these fail every flush, as a full or
-/// failing disk would make them (the buffered bytes are dropped, the call returns an
-/// error). One entry per test that wants failures: tests run in parallel.
+/// Tests: the directories under which one kind of I/O fails, as a full or failing
+/// disk would make it. One entry per test that wants failures: tests run in parallel.
 #[cfg(test)]
-static FAIL_FLUSHES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+struct FailUnder(std::sync::Mutex<Vec<String>>);
+
+#[cfg(test)]
+impl FailUnder {
+    const fn new() -> FailUnder {
+        FailUnder(std::sync::Mutex::new(Vec::new()))
+    }
+
+    fn set(&self, dir: &std::path::Path, on: bool) {
+        let dir = dir.to_string_lossy().into_owned();
+        let mut f = self.0.lock().unwrap();
+        f.retain(|d| *d != dir);
+        if on {
+            f.push(dir);
+        }
+    }
+
+    fn hits(&self, path: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|d| path.contains(d.as_str()))
+    }
+}
+
+/// Tests: WAL flushes that fail (the buffered bytes are dropped, the call returns an
+/// error).
+#[cfg(test)]
+static FAIL_FLUSHES: FailUnder = FailUnder::new();
 
 /// Tests: makes every flush of a WAL file under `dir` fail (`on`), or stops it.
 #[cfg(test)]
 pub(super) fn fail_flushes_under(dir: &std::path::Path, on: bool) {
-    let dir = dir.to_string_lossy().into_owned();
-    let mut f = FAIL_FLUSHES.lock().unwrap();
-    f.retain(|d| *d != dir);
-    if on {
-        f.push(dir);
-    }
+    FAIL_FLUSHES.set(dir, on);
 }
 
 /// Tests: each database file [`sync_database`] synced, once per sync.
@@ -99,19 +122,14 @@ pub(super) fn db_syncs(db: &std::path::Path) -> usize {
     DB_SYNCS.lock().unwrap().iter().filter(|p| *p == db).count()
 }
 
-/// Tests: the databases under these directories fail every [`sync_database`].
+/// Tests: database syncs ([`sync_database`]) that fail.
 #[cfg(test)]
-static FAIL_DB_SYNCS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static FAIL_DB_SYNCS: FailUnder = FailUnder::new();
 
 /// Tests: makes every database sync under `dir` fail (`on`), or stops it.
 #[cfg(test)]
 pub(super) fn fail_db_syncs_under(dir: &std::path::Path, on: bool) {
-    let dir = dir.to_string_lossy().into_owned();
-    let mut f = FAIL_DB_SYNCS.lock().unwrap();
-    f.retain(|d| *d != dir);
-    if on {
-        f.push(dir);
-    }
+    FAIL_DB_SYNCS.set(dir, on);
 }
 
 /// Makes the database file `db` durable (its data and size), before SQLite discards
@@ -120,12 +138,7 @@ pub(super) fn fail_db_syncs_under(dir: &std::path::Path, on: bool) {
 /// start over), right after that checkpoint's own sync: little is left to write.
 fn sync_database(db: &std::path::Path) -> c_int {
     #[cfg(test)]
-    if FAIL_DB_SYNCS
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|d| db.to_string_lossy().contains(d.as_str()))
-    {
+    if FAIL_DB_SYNCS.hits(&db.to_string_lossy()) {
         return ffi::SQLITE_IOERR_FSYNC;
     }
     match std::fs::File::open(db).and_then(|f| f.sync_all()) {
@@ -310,12 +323,7 @@ unsafe fn flush(f: *mut ffi::sqlite3_file) -> c_int {
         }
         let (real, m) = real(f);
         #[cfg(test)]
-        if FAIL_FLUSHES
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|d| (*wal).path.contains(d.as_str()))
-        {
+        if FAIL_FLUSHES.hits(&(*wal).path) {
             (*wal).data.clear();
             return ffi::SQLITE_IOERR_WRITE;
         }
