@@ -38,14 +38,23 @@ pub async fn connect(addr: SocketAddr, src: Option<IpAddr>) -> std::io::Result<T
     // With a source address, connect() may find no port free for the 4-tuple on its
     // probe while an earlier run's sockets linger in TIME_WAIT (seen: 5 in 19,000);
     // a new socket probes from another offset.
+    retrying_addr_not_available(src.is_some(), || connect_once(addr, src)).await
+}
+
+/// Runs `attempt` again, up to 4 more times, while it fails with AddrNotAvailable and
+/// a source address was given (`with_src`); any other outcome is returned at once.
+async fn retrying_addr_not_available<T, F, Fut>(
+    with_src: bool,
+    mut attempt: F,
+) -> std::io::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
     let mut tries = 0;
     loop {
-        match connect_once(addr, src).await {
-            Err(e)
-                if src.is_some()
-                    && e.kind() == std::io::ErrorKind::AddrNotAvailable
-                    && tries < 4 =>
-            {
+        match attempt().await {
+            Err(e) if with_src && e.kind() == std::io::ErrorKind::AddrNotAvailable && tries < 4 => {
                 tries += 1;
             }
             r => return r,
@@ -181,3 +190,45 @@ impl Conn {
 pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 
 use prost::Message as _;
+
+#[cfg(test)]
+mod tests {
+    use super::retrying_addr_not_available;
+    use std::io::{Error, ErrorKind};
+
+    /// Attempts that fail with `errors` in turn, then succeed; returns the outcome and
+    /// how many attempts ran.
+    async fn run(with_src: bool, errors: &[ErrorKind]) -> (std::io::Result<u32>, usize) {
+        let mut n = 0;
+        let r = retrying_addr_not_available(with_src, || {
+            n += 1;
+            let out = match errors.get(n - 1) {
+                Some(k) => Err(Error::from(*k)),
+                None => Ok(n as u32),
+            };
+            async move { out }
+        })
+        .await;
+        (r, n)
+    }
+
+    #[tokio::test]
+    async fn addr_not_available_is_retried_four_times_with_a_source_address() {
+        let busy = ErrorKind::AddrNotAvailable;
+        // Four failures, then the fifth attempt connects.
+        let (r, n) = run(true, &[busy; 4]).await;
+        assert_eq!((r.unwrap(), n), (5, 5));
+        // A fifth failure is returned.
+        let (r, n) = run(true, &[busy; 5]).await;
+        assert_eq!((r.unwrap_err().kind(), n), (busy, 5));
+        // Without a source address the kernel picked the port: no retry.
+        let (r, n) = run(false, &[busy]).await;
+        assert_eq!((r.unwrap_err().kind(), n), (busy, 1));
+        // Other errors are not retried.
+        let (r, n) = run(true, &[ErrorKind::ConnectionRefused]).await;
+        assert_eq!(
+            (r.unwrap_err().kind(), n),
+            (ErrorKind::ConnectionRefused, 1)
+        );
+    }
+}
