@@ -723,27 +723,15 @@ mod tests {
     fn the_database_is_synced_before_wal_content_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
         let (path, w, r) = wal_db(dir.path());
-        let cp = super::super::open(&path, false, 1, 0).unwrap();
-        cp.execute_batch("PRAGMA synchronous=OFF").unwrap();
-        let commit_round = |round: i64| {
-            w.execute_batch("BEGIN").unwrap();
-            insert(&w, round, round * 100, 100).unwrap();
-            w.execute_batch("COMMIT").unwrap();
-        };
-        let checkpoint = |c: &Connection, mode: &str| -> (i64, i64, i64) {
-            c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .unwrap()
-        };
-        commit_round(0);
+        let cp = unsynced_checkpointer(&path);
+        commit_round(&w, 0).unwrap();
         // The checkpointer copies every frame, and syncs nothing.
         let (busy, log, copied) = checkpoint(&cp, "PASSIVE");
         assert_eq!(busy, 0);
         assert!(log > 0 && copied == log, "{log} frames, {copied} copied");
         let synced = super::db_syncs(&path);
         // The next transaction starts the WAL over: the database is synced first.
-        commit_round(1);
+        commit_round(&w, 1).unwrap();
         assert_eq!(super::db_syncs(&path), synced + 1);
         let (_, log_after, _) = checkpoint(&cp, "PASSIVE");
         assert!(
@@ -754,7 +742,7 @@ mod tests {
         let synced = super::db_syncs(&path);
         assert_eq!(checkpoint(&w, "TRUNCATE").0, 0);
         assert_eq!(super::db_syncs(&path), synced + 1);
-        commit_round(2);
+        commit_round(&w, 2).unwrap();
         checkpoint(&cp, "PASSIVE");
         // The last connection to close (the checkpointer's) checkpoints without a
         // sync and deletes the WAL: the database is synced before the deletion.
@@ -764,12 +752,7 @@ mod tests {
         drop(cp);
         assert!(!dir.path().join("t.db-wal").exists());
         assert_eq!(super::db_syncs(&path), synced + 1);
-        let c = Connection::open(&path).unwrap();
-        assert_eq!(count(&c), 300);
-        let ok: String = c
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(ok, "ok");
+        assert_eq!(count(&reopened(&path)), 300);
     }
 
     /// A database sync that fails refuses what would discard WAL content: the commit
@@ -779,20 +762,10 @@ mod tests {
     fn a_failed_database_sync_keeps_the_wal() {
         let dir = tempfile::tempdir().unwrap();
         let (path, w, r) = wal_db(dir.path());
-        let cp = super::super::open(&path, false, 1, 0).unwrap();
-        cp.execute_batch("PRAGMA synchronous=OFF").unwrap();
-        let commit_round = |round: i64| -> rusqlite::Result<()> {
-            w.execute_batch("BEGIN")?;
-            insert(&w, round, round * 100, 100)?;
-            w.execute_batch("COMMIT")
-        };
-        commit_round(0).unwrap();
+        let cp = unsynced_checkpointer(&path);
+        commit_round(&w, 0).unwrap();
         let backfill = || {
-            let (busy, log, copied): (i64, i64, i64) = cp
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .unwrap();
+            let (busy, log, copied) = checkpoint(&cp, "PASSIVE");
             assert!(busy == 0 && copied == log, "{log} frames, {copied} copied");
             log
         };
@@ -801,14 +774,17 @@ mod tests {
         let header = || std::fs::read(&wal_file).unwrap()[..32].to_vec();
         let before = header();
         super::fail_db_syncs_under(dir.path(), true);
-        assert!(commit_round(1).is_err(), "the WAL started over unsynced");
+        assert!(
+            commit_round(&w, 1).is_err(),
+            "the WAL started over unsynced"
+        );
         super::fail_db_syncs_under(dir.path(), false);
         let _ = w.execute_batch("ROLLBACK");
         assert_eq!((count(&w), count(&r)), (100, 100));
         // The file still holds the old header, so the first round's frames, which
         // recovery would replay.
         assert_eq!(header(), before);
-        commit_round(1).unwrap();
+        commit_round(&w, 1).unwrap();
         assert_ne!(header(), before);
         assert_eq!((count(&w), count(&r)), (200, 200));
         assert!(backfill() < log, "the WAL did not start over");
@@ -817,12 +793,39 @@ mod tests {
         assert_eq!(count(&c), 200);
     }
 
+    /// A connection that checkpoints like the store's checkpointer: without syncing.
+    fn unsynced_checkpointer(path: &std::path::Path) -> Connection {
+        let cp = super::super::open(path, false, 1, 0).unwrap();
+        cp.execute_batch("PRAGMA synchronous=OFF").unwrap();
+        cp
+    }
+
+    /// Rows `round * 100 ..` (100 of them) in one transaction.
+    fn commit_round(w: &Connection, round: i64) -> rusqlite::Result<()> {
+        w.execute_batch("BEGIN")?;
+        insert(w, round, round * 100, 100)?;
+        w.execute_batch("COMMIT")
+    }
+
+    /// `PRAGMA wal_checkpoint(mode)`: (busy, frames in the WAL, frames copied).
+    fn checkpoint(c: &Connection, mode: &str) -> (i64, i64, i64) {
+        c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap()
+    }
+
     /// Closes both connections and opens the database with SQLite's default VFS;
     /// checks its integrity.
     fn closed_and_reopened(path: std::path::PathBuf, w: Connection, r: Connection) -> Connection {
         drop(r);
         drop(w);
-        let c = Connection::open(&path).unwrap();
+        reopened(&path)
+    }
+
+    /// The database opened with SQLite's default VFS, its integrity checked.
+    fn reopened(path: &std::path::Path) -> Connection {
+        let c = Connection::open(path).unwrap();
         let ok: String = c
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
