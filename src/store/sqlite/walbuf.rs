@@ -788,9 +788,24 @@ mod tests {
         assert_ne!(header(), before);
         assert_eq!((count(&w), count(&r)), (200, 200));
         assert!(backfill() < log, "the WAL did not start over");
+        // A truncation and the last close's deletion are refused the same way: the
+        // WAL file stays whole, and recovery finds every row in it.
+        let wal_len = || std::fs::metadata(&wal_file).unwrap().len();
+        let len = wal_len();
+        super::fail_db_syncs_under(dir.path(), true);
+        assert!(
+            w.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r
+                .get::<_, i64>(0))
+                .is_err(),
+            "the WAL was truncated unsynced"
+        );
+        assert_eq!(wal_len(), len);
         drop(cp);
-        let c = closed_and_reopened(path, w, r);
-        assert_eq!(count(&c), 200);
+        drop(r);
+        drop(w);
+        assert!(wal_file.exists(), "the WAL was deleted unsynced");
+        super::fail_db_syncs_under(dir.path(), false);
+        assert_eq!(count(&reopened(&path)), 200);
     }
 
     /// A connection that checkpoints like the store's checkpointer: without syncing.
