@@ -301,6 +301,7 @@ pub struct StoreConfig {
     pub backend: Backend,
     pub write_queue: usize,
     pub max_batch: usize,
+    pub unsynced_batches: usize,
     pub read_connections: usize,
     pub cache_mib: u32,
     pub mmap_mib: u32,
@@ -314,6 +315,7 @@ impl Default for StoreConfig {
             backend: Backend::Embedded,
             write_queue: 16_384,
             max_batch: 1024,
+            unsynced_batches: 8,
             read_connections: 4,
             cache_mib: 64,
             mmap_mib: 1024,
@@ -716,6 +718,7 @@ impl Config {
         let st = &self.store;
         range("store.write_queue", st.write_queue, 1, 1 << 22)?;
         range("store.max_batch", st.max_batch, 1, 1 << 16)?;
+        range("store.unsynced_batches", st.unsynced_batches, 1, 1024)?;
         range("store.read_connections", st.read_connections, 1, 256)?;
         range("store.cache_mib", st.cache_mib, 1, 1 << 16)?;
         range("store.mmap_mib", st.mmap_mib, 0, 1 << 20)?;

@@ -28,8 +28,10 @@
 //! - one writer thread (`mychat-store-writer`) owns the only write connection. It
 //!   blocks for the first queued write, drains whatever else is queued (up to
 //!   `store.max_batch`), runs each inside its own SAVEPOINT (one failing write does not
-//!   sink the batch), commits once — one fsync for the batch — and only then answers
-//!   every caller (group commit);
+//!   sink the batch) and commits once (group commit). The commit's WAL fsync runs on a
+//!   syncer thread while the writer goes on to the next batch; only after it are the
+//!   batch's messages published and its callers answered, and a read answers only
+//!   once what it may have seen is synced (the `durable` module);
 //! - the writer caches each conversation's last seq and each user's last pts; it is the
 //!   only writer, so the caches are exact. A write's changes go to a batch overlay when
 //!   its savepoint is released (later writes of the batch read through it), into the
@@ -45,8 +47,9 @@
 //!   the writer finishes the checkpoint itself between batches (see `Writer::run`),
 //!   which lets the WAL rewind: without it, steady writes kept it growing forever.
 //!
-//! Durability: `journal_mode=WAL`, `synchronous=FULL`: a COMMIT returns after the WAL
-//! is fsynced, and an acknowledged write survives kill -9 and power loss.
+//! Durability: `journal_mode=WAL`; a write is acknowledged after the WAL holding its
+//! commit is fsynced (by the syncer thread, see the `durable` module), so an
+//! acknowledged write survives kill -9 and power loss.
 
 use super::*;
 use crate::batchq::{Receiver, Sender, TrySendError};
@@ -60,6 +63,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 mod client_ids;
+mod durable;
 pub mod pcache;
 mod recent;
 mod social;
@@ -292,6 +296,8 @@ pub struct SqliteStore {
     publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
     /// Stream events logged and committed but not merged into `updates` yet.
     recent: Arc<parking_lot::RwLock<recent::Recent>>,
+    /// Which commits are durable (reads wait for what they may have seen).
+    gate: Arc<durable::Gate>,
 }
 
 fn internal(e: impl std::fmt::Display) -> StoreError {
@@ -365,7 +371,6 @@ impl SqliteStore {
         let max_batch = cfg.max_batch;
         let publisher: Arc<parking_lot::RwLock<Option<Publisher>>> =
             Arc::new(parking_lot::RwLock::new(None));
-        let wpub = publisher.clone();
         let recent = Arc::new(parking_lot::RwLock::new(recent::Recent::default()));
         let wrecent = recent.clone();
         let wcfg = cfg.clone();
@@ -373,36 +378,30 @@ impl SqliteStore {
         // starts no pass meanwhile.
         let finish_wanted = Arc::new(AtomicBool::new(false));
         let finish = finish_wanted.clone();
+        let gate = Arc::new(durable::Gate::default());
+        let (committed, to_sync) = crossbeam_channel::bounded(cfg.unsynced_batches);
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        let syncer = durable::spawn_syncer(wal.into(), gate.clone(), publisher.clone(), to_sync)
+            .map_err(internal)?;
+        let wgate = gate.clone();
         let writer = std::thread::Builder::new()
             .name("mychat-store-writer".into())
-            .spawn(move || Writer::new(w, wpub, wrecent, &wcfg).run(wrx, max_batch, finish))
+            .spawn(move || {
+                Writer::new(w, wrecent, &wcfg, wgate, committed).run(wrx, max_batch, finish);
+                // The writer is gone, and with it the syncer's queue: everything
+                // committed is answered before the store reports stopped.
+                let _ = syncer.join();
+            })
             .map_err(internal)?;
-        let cp_conn = open(&path, false, 1, 0)?;
-        // The checkpointer's passes copy frames into the database without syncing it
-        // (nor the WAL, whose committed frames the writer synced at each commit); the
-        // kernel is told to start writing them out after each pass (see
-        // `start_writeback`), and the database is synced before the WAL starts over
-        // (the writer's finishing checkpoint does, and walbuf makes sure: it syncs
-        // the database before any WAL content is overwritten, truncated or deleted).
-        // Until then every copied frame is still in the WAL, which recovery replays.
-        // Why: on a grown database each pass ended in an fsync writing back thousands
-        // of scattered pages, passes took hundreds of milliseconds, and the frames
-        // written meanwhile were left to the writer's finishing pass, which stopped
-        // the writes 40-170 ms once a second. One-to-one at 15,000 msgs/s on a 1.2 GB
-        // database (3.4M messages), five alternating pairs: p99 134 / 113 / 106 / 98 /
-        // 220 -> 54 / 52 / 97 / 45 / 71 ms (median 113 -> 54), p90 median 21 -> 12 ms;
-        // in the two instrumented pairs the finishing pass median 49 / 27 -> 26 / 24 ms
-        // and max 136 / 173 -> 58 / 52 ms. Without the early writeback the finishing
-        // pass, left to write out everything, took 190-280 ms.
-        cp_conn
-            .execute_batch("PRAGMA synchronous=OFF")
-            .map_err(internal)?;
+        let cp_conn = open_checkpointer(&path)?;
         let cp_db = std::fs::File::open(&path).map_err(internal)?;
         let cp_closing = closing.clone();
         let cp_finish = finish_wanted;
         let checkpointer = std::thread::Builder::new()
             .name("mychat-store-checkpoint".into())
             .spawn(move || {
+                walbuf::skipping_database_syncs();
                 // Back to back while frames arrive: each pass then copies only what the
                 // writer added during the previous one, so what the writer's
                 // once-a-second finishing pass has left to copy and fsync (a stall on
@@ -441,6 +440,7 @@ impl SqliteStore {
             path,
             publisher,
             recent,
+            gate,
         }))
     }
 
@@ -476,6 +476,8 @@ impl SqliteStore {
             Err(StoreError::Unavailable(
                 "the server is shutting down".into(),
             ))
+        } else if let Err(e) = self.gate.check() {
+            Err(e)
         } else {
             match self.writes.try_send(WriteOp::Job(job)) {
                 Ok(()) => Ok(()),
@@ -499,11 +501,15 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> StoreFut<T> {
         let pool = self.readers.clone();
+        let gate = self.gate.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
+                gate.check()?;
                 let conn = pool.1.recv().map_err(internal)?;
                 let r = f(&conn);
                 let _ = pool.0.send(conn);
+                // What it read may include a commit not synced yet: not before it is.
+                gate.wait_durable()?;
                 r
             })
             .await
@@ -512,10 +518,36 @@ impl SqliteStore {
     }
 }
 
-/// Moves every event of the stream log into `updates` and empties the log, and every
-/// resend entry of the messages past `client_ids_upto` into `client_ids`, in one
-/// transaction. A merge step that committed before a crash left rows in both places:
-/// `OR IGNORE` keeps the copy already there (the same row).
+/// The checkpointer's connection. Its thread calls `walbuf::skipping_database_syncs`
+/// first: its passes copy frames into the database without syncing it; the kernel is
+/// told to start writing them out after each pass (see `start_writeback`), and the
+/// database is synced before the WAL starts over (the writer's finishing checkpoint
+/// does, and walbuf makes sure: it syncs the database before any WAL content is
+/// overwritten, truncated or deleted). Until then every copied frame is still in the
+/// WAL, which recovery replays.
+///
+/// Why: on a grown database each pass ended in an fsync writing back thousands of
+/// scattered pages, passes took hundreds of milliseconds, and the frames written
+/// meanwhile were left to the writer's finishing pass, which stopped the writes
+/// 40-170 ms once a second. One-to-one at 15,000 msgs/s on a 1.2 GB database (3.4M
+/// messages), five alternating pairs: p99 134 / 113 / 106 / 98 / 220 -> 54 / 52 / 97
+/// / 45 / 71 ms (median 113 -> 54), p90 median 21 -> 12 ms; in the two instrumented
+/// pairs the finishing pass median 49 / 27 -> 26 / 24 ms and max 136 / 173 -> 58 /
+/// 52 ms. Without the early writeback the finishing pass, left to write out
+/// everything, took 190-280 ms.
+///
+/// `synchronous=NORMAL`, not OFF: a pass then syncs the WAL before it copies frames.
+/// The writer leaves its commits' WAL sync to the syncer thread (the durable module),
+/// so a committed frame the checkpointer sees may not be durable yet, and a frame
+/// copied into the database before it is would survive a power cut that took its
+/// transaction's other frames.
+fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
+    let c = open(path, false, 1, 0)?;
+    c.execute_batch("PRAGMA synchronous=NORMAL")
+        .map_err(internal)?;
+    Ok(c)
+}
+
 /// Starts writing the database file's dirty pages to disk without waiting for them
 /// (Linux: `sync_file_range`), so that the sync before the WAL starts over finds little
 /// left to write. Elsewhere it syncs, which waits.
@@ -535,6 +567,10 @@ fn start_writeback(f: &std::fs::File) {
     }
 }
 
+/// Moves every event of the stream log into `updates` and empties the log, and every
+/// resend entry of the messages past `client_ids_upto` into `client_ids`, in one
+/// transaction. A merge step that committed before a crash left rows in both places:
+/// `OR IGNORE` keeps the copy already there (the same row).
 fn merge_all(c: &Connection) -> Result<(), StoreError> {
     c.execute_batch(
         "BEGIN IMMEDIATE;
@@ -683,7 +719,9 @@ struct Writer {
     groups_dirty: Vec<u64>,
     /// Messages of the batch being built, to publish once it commits.
     publications: Vec<Publication>,
-    publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
+    /// Committed batches go here to be synced, then published and answered.
+    committed: crossbeam_channel::Sender<durable::Committed>,
+    gate: Arc<durable::Gate>,
     recent: Arc<parking_lot::RwLock<recent::Recent>>,
     /// Stream events of the released writes of the batch being built.
     batch_updates: Vec<(UserId, recent::Entry)>,
@@ -739,11 +777,14 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 impl Writer {
     fn new(
         conn: Connection,
-        publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
         recent: Arc<parking_lot::RwLock<recent::Recent>>,
         cfg: &mychat_config::StoreConfig,
+        gate: Arc<durable::Gate>,
+        committed: crossbeam_channel::Sender<durable::Committed>,
     ) -> Writer {
         Writer {
+            committed,
+            gate,
             recent,
             batch_updates: Vec::new(),
             merge: None,
@@ -771,7 +812,6 @@ impl Writer {
             groups: HashMap::new(),
             groups_dirty: Vec::new(),
             publications: Vec::new(),
-            publisher,
         }
     }
 
@@ -844,6 +884,12 @@ impl Writer {
 
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
         let mut done: Vec<Done> = Vec::with_capacity(batch.len());
+        if self.gate.check().is_err() {
+            // The WAL failed to sync: nothing more is written (see the durable
+            // module). The jobs are dropped unrun: their callers get UNAVAILABLE.
+            batch.clear();
+            return;
+        }
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             let err = internal(e);
             tracing::error!(error = %err, "store: cannot begin a write transaction");
@@ -886,7 +932,9 @@ impl Writer {
             done.push(d);
         }
         let merges = self.merge_in_batch();
-        match self.conn.execute_batch("COMMIT") {
+        let commit = self.gate.begin_commit();
+        // The WAL's sync is left to the syncer thread (the durable module says why).
+        match walbuf::deferring_wal_syncs(|| self.conn.execute_batch("COMMIT")) {
             Ok(()) => {
                 self.merges_committed(merges);
                 if self.last_pts.len() > CACHE_MAX
@@ -912,16 +960,12 @@ impl Writer {
                 }
                 self.cids_since_step += self.cids.batch_len();
                 self.cids.batch_committed();
-                // Publish in commit order, then answer: a pushed message is durable.
-                let pubs = std::mem::take(&mut self.publications);
-                if !pubs.is_empty() {
-                    if let Some(p) = self.publisher.read().as_ref() {
-                        p(pubs);
-                    }
-                }
-                for d in done {
-                    (d.send)(None);
-                }
+                // Once the WAL is synced: published in commit order, then answered.
+                let _ = self.committed.send(durable::Committed {
+                    commit,
+                    publications: std::mem::take(&mut self.publications),
+                    done,
+                });
             }
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed; the batch is refused");
@@ -941,6 +985,12 @@ impl Writer {
                 for d in done {
                     (d.send)(Some(StoreError::Internal("commit failed".into())));
                 }
+                // Nothing of it to sync, but readers wait until its number is passed.
+                let _ = self.committed.send(durable::Committed {
+                    commit,
+                    publications: Vec::new(),
+                    done: Vec::new(),
+                });
             }
         }
     }
@@ -2391,6 +2441,132 @@ mod tests {
         let o = store.send_direct(text(alice, bob, 100)).await.unwrap();
         assert_eq!((o.message.seq, o.duplicate), (14, false));
         store.shutdown().await.unwrap();
+    }
+
+    /// Alice and Bob in a fresh store under `dir`.
+    async fn two_users(dir: &Path) -> (Arc<SqliteStore>, UserId, UserId) {
+        let store = SqliteStore::open(dir, &Default::default()).unwrap();
+        let mut ids = Vec::new();
+        for name in ["alice", "bob"] {
+            let u = store.create_user(name.into(), "x".into(), 0).await;
+            ids.push(u.unwrap().id);
+        }
+        (store, ids[0], ids[1])
+    }
+
+    /// With the syncer's WAL sync held, a message is committed (another connection
+    /// sees it in the file) but neither acknowledged nor readable through the store;
+    /// released, both come. Answering at commit, or a read not waiting for the sync,
+    /// fails this.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_is_answered_and_read_only_once_its_wal_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, alice, bob) = two_users(dir.path()).await;
+        store.send_direct(text(alice, bob, 1)).await.unwrap();
+        durable::hold_syncs_under(dir.path(), true);
+        // Released on a failed assertion too: the held read would keep the test's
+        // runtime from shutting down.
+        struct Release<'a>(&'a Path);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                durable::hold_syncs_under(self.0, false);
+            }
+        }
+        let held = Release(dir.path());
+        let s = store.clone();
+        let send = tokio::spawn(async move { s.send_direct(text(alice, bob, 2)).await });
+        let raw = Connection::open(dir.path().join("mychat.db")).unwrap();
+        let count = || -> i64 {
+            raw.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+                .unwrap()
+        };
+        while count() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let s = store.clone();
+        let read = tokio::spawn(async move { stream_of(&s, bob).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !send.is_finished(),
+            "acknowledged before its WAL was synced"
+        );
+        assert!(
+            !read.is_finished(),
+            "a read answered with an unsynced commit"
+        );
+        drop(held);
+        let o = send.await.unwrap().unwrap();
+        assert_eq!((o.message.seq, o.duplicate), (2, false));
+        let want = vec![(1, "message 1".to_string()), (2, "message 2".to_string())];
+        assert_eq!(read.await.unwrap(), want);
+        store.shutdown().await.unwrap();
+    }
+
+    /// A WAL that cannot be synced stops the store: the write waiting for that sync,
+    /// every later write and every read fail with UNAVAILABLE, even once syncs would
+    /// work again. Restarted, the store has what reached the file: the refused message
+    /// (the process never crashed), which a resend by its client id finds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wal_that_cannot_be_synced_stops_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, alice, bob) = two_users(dir.path()).await;
+        store.send_direct(text(alice, bob, 1)).await.unwrap();
+        durable::fail_syncs_under(dir.path(), true);
+        let unavailable = |e: Option<StoreError>| matches!(e, Some(StoreError::Unavailable(_)));
+        assert!(unavailable(
+            store.send_direct(text(alice, bob, 2)).await.err()
+        ));
+        durable::fail_syncs_under(dir.path(), false);
+        assert!(unavailable(
+            store.send_direct(text(alice, bob, 3)).await.err()
+        ));
+        assert!(unavailable(store.sync(bob, 0, 10).await.err()));
+        store.shutdown().await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
+        let o = store.send_direct(text(alice, bob, 2)).await.unwrap();
+        assert_eq!((o.message.seq, o.duplicate), (2, true));
+        let o = store.send_direct(text(alice, bob, 3)).await.unwrap();
+        assert_eq!((o.message.seq, o.duplicate), (3, false));
+        store.shutdown().await.unwrap();
+    }
+
+    /// The writer's COMMIT leaves the WAL unsynced, and a checkpointer pass syncs it
+    /// before copying its frames into the database. A checkpointer that skipped the
+    /// WAL sync (`synchronous=OFF`) fails this.
+    #[test]
+    fn a_checkpointer_pass_syncs_the_wal_before_copying() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mychat.db");
+        let w = open(&path, false, 1, 0).unwrap();
+        w.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x);")
+            .unwrap();
+        let before = walbuf::wal_syncs_under(dir.path());
+        walbuf::deferring_wal_syncs(|| {
+            w.execute_batch("BEGIN; INSERT INTO t VALUES(1); INSERT INTO t VALUES(2); COMMIT;")
+        })
+        .unwrap();
+        assert_eq!(
+            walbuf::wal_syncs_under(dir.path()),
+            before,
+            "COMMIT synced the WAL"
+        );
+        let cp = open_checkpointer(&path).unwrap();
+        let done = std::thread::spawn(move || {
+            walbuf::skipping_database_syncs();
+            cp.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert!(done.0 == 0 && done.1 > 0 && done.1 == done.2, "{done:?}");
+        assert_eq!(walbuf::wal_syncs_under(dir.path()), before + 1);
     }
 
     /// The resend index's rows: (sender, client message id, message id), in key order.

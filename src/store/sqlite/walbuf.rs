@@ -74,15 +74,15 @@ struct WalBuf {
 /// Tests: the directories under which one kind of I/O fails, as a full or failing
 /// disk would make it. One entry per test that wants failures: tests run in parallel.
 #[cfg(test)]
-struct FailUnder(std::sync::Mutex<Vec<String>>);
+pub(super) struct FailUnder(std::sync::Mutex<Vec<String>>);
 
 #[cfg(test)]
 impl FailUnder {
-    const fn new() -> FailUnder {
+    pub(super) const fn new() -> FailUnder {
         FailUnder(std::sync::Mutex::new(Vec::new()))
     }
 
-    fn set(&self, dir: &std::path::Path, on: bool) {
+    pub(super) fn set(&self, dir: &std::path::Path, on: bool) {
         let dir = dir.to_string_lossy().into_owned();
         let mut f = self.0.lock().unwrap();
         f.retain(|d| *d != dir);
@@ -91,7 +91,7 @@ impl FailUnder {
         }
     }
 
-    fn hits(&self, path: &str) -> bool {
+    pub(super) fn hits(&self, path: &str) -> bool {
         self.0
             .lock()
             .unwrap()
@@ -120,6 +120,22 @@ static DB_SYNCS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::n
 #[cfg(test)]
 pub(super) fn db_syncs(db: &std::path::Path) -> usize {
     DB_SYNCS.lock().unwrap().iter().filter(|p| *p == db).count()
+}
+
+/// Tests: the WAL files SQLite's syncs reached (not deferred), once per sync.
+#[cfg(test)]
+static WAL_SYNCS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Tests: how many syncs SQLite made of WAL files under `dir` that reached the file.
+#[cfg(test)]
+pub(super) fn wal_syncs_under(dir: &std::path::Path) -> usize {
+    let dir = dir.to_string_lossy();
+    WAL_SYNCS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| p.contains(dir.as_ref()))
+        .count()
 }
 
 /// Tests: database syncs ([`sync_database`]) that fail.
@@ -447,9 +463,59 @@ unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
     }
 }
 
+/// What a sync asked of this thread's connection does (see [`deferring_wal_syncs`]
+/// and [`skipping_database_syncs`]); every other thread syncs for real.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SyncPolicy {
+    Real,
+    /// A WAL sync writes the WAL's buffered frames to the file and returns: the
+    /// writer's COMMIT, whose WAL the store's syncer thread fsyncs before anyone
+    /// hears of the commit.
+    DeferWal,
+    /// A database file sync returns at once: the checkpointer's passes (the database
+    /// is synced before WAL content is discarded, see [`sync_database`]).
+    SkipDatabase,
+}
+
+thread_local! {
+    static SYNC_POLICY: std::cell::Cell<SyncPolicy> = const { std::cell::Cell::new(SyncPolicy::Real) };
+}
+
+/// Runs `f` (the writer's COMMIT) with this thread's WAL syncs reduced to writing the
+/// buffered frames to the file: the frames are in the kernel, and visible to the other
+/// connections once SQLite publishes the commit, but not durable until the caller
+/// syncs the WAL itself. Safe only if nothing of the commit is told to anyone before
+/// that sync, and no reader's answer leaves before it (the store's `durable` module).
+pub fn deferring_wal_syncs<T>(f: impl FnOnce() -> T) -> T {
+    SYNC_POLICY.with(|p| p.set(SyncPolicy::DeferWal));
+    let r = f();
+    SYNC_POLICY.with(|p| p.set(SyncPolicy::Real));
+    r
+}
+
+/// From now on this thread's database file syncs return at once (the checkpointer's
+/// thread: its passes copy WAL frames into the database and leave them there unsynced;
+/// its WAL syncs stay real, so that it never copies a frame that is not durable).
+pub fn skipping_database_syncs() {
+    SYNC_POLICY.with(|p| p.set(SyncPolicy::SkipDatabase));
+}
+
 unsafe extern "C" fn x_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     unsafe {
         let (real, m) = flushed!(f);
+        let is_wal = !(*(f as *mut ShimFile)).wal.is_null();
+        match SYNC_POLICY.with(|p| p.get()) {
+            SyncPolicy::DeferWal if is_wal => return ffi::SQLITE_OK,
+            SyncPolicy::SkipDatabase if !is_wal => return ffi::SQLITE_OK,
+            _ => {}
+        }
+        #[cfg(test)]
+        if is_wal {
+            WAL_SYNCS
+                .lock()
+                .unwrap()
+                .push((*(*(f as *mut ShimFile)).wal).path.clone());
+        }
         m.xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |s| s(real, flags))
     }
 }
