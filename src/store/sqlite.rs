@@ -503,17 +503,19 @@ impl SqliteStore {
         let pool = self.readers.clone();
         let gate = self.gate.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                gate.check()?;
+            gate.check()?;
+            let (r, durable) = tokio::task::spawn_blocking(move || {
                 let conn = pool.1.recv().map_err(internal)?;
                 let r = f(&conn);
                 let _ = pool.0.send(conn);
-                // What it read may include a commit not synced yet: not before it is.
-                gate.wait_durable()?;
-                r
+                // Taken after the read: it covers every commit the read could see.
+                Ok::<_, StoreError>((r, gate.wait_durable()))
             })
             .await
-            .map_err(internal)?
+            .map_err(internal)??;
+            // What it read may include a commit not synced yet: not before it is.
+            durable.await?;
+            r
         })
     }
 }
@@ -2464,8 +2466,8 @@ mod tests {
         let (store, alice, bob) = two_users(dir.path()).await;
         store.send_direct(text(alice, bob, 1)).await.unwrap();
         durable::hold_syncs_under(dir.path(), true);
-        // Released on a failed assertion too: the held read would keep the test's
-        // runtime from shutting down.
+        // Released on a failed assertion too: a held sync keeps the syncer thread,
+        // and whatever waits for it, waiting.
         struct Release<'a>(&'a Path);
         impl Drop for Release<'_> {
             fn drop(&mut self) {

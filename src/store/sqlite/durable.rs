@@ -20,7 +20,8 @@
 //! - nobody reads what is not durable: a committed batch is visible to the readers'
 //!   connections (and the stream overlay) before its sync, so every read waits, before
 //!   it answers, until everything committed when it finished is durable
-//!   ([`Gate::wait_durable`]; at most one sync, and only while writes arrive). Without
+//!   ([`Gate::wait_durable`]; at most one sync, only while writes arrive, and without
+//!   holding a thread: the wait is a future on the caller's runtime). Without
 //!   this a device could fetch a message that a power cut then takes back, and see
 //!   its seq reused by another;
 //! - the checkpointer copies no frame that is not durable: its connection syncs the
@@ -37,23 +38,32 @@
 //! [`deferring_wal_syncs`]: super::walbuf::deferring_wal_syncs
 
 use super::{Done, Publication, Publisher, StoreError};
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::RwLock;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Where the commits stand: the last one begun, and the last one made durable.
-#[derive(Default)]
 pub(super) struct Gate {
     begun: AtomicU64,
-    state: Mutex<State>,
-    changed: Condvar,
+    /// Watched by the reads that wait (asynchronously: a read holds no thread while
+    /// it waits for a sync).
+    state: tokio::sync::watch::Sender<State>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct State {
     durable: u64,
     failed: bool,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate {
+            begun: AtomicU64::new(0),
+            state: tokio::sync::watch::Sender::new(State::default()),
+        }
+    }
 }
 
 /// A committed batch, waiting for its sync.
@@ -74,24 +84,29 @@ impl Gate {
         self.begun.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// Blocks until every commit begun so far is durable; an error once the WAL
-    /// failed to sync.
-    pub(super) fn wait_durable(&self) -> Result<(), StoreError> {
+    /// Resolves once every commit begun before the call is durable; an error once
+    /// the WAL failed to sync.
+    pub(super) fn wait_durable(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
         let upto = self.begun.load(Ordering::SeqCst);
-        let mut s = self.state.lock();
-        while s.durable < upto && !s.failed {
-            self.changed.wait(&mut s);
-        }
-        if s.failed {
-            Err(sync_failed())
-        } else {
-            Ok(())
+        let mut rx = self.state.subscribe();
+        async move {
+            let s = *rx
+                .wait_for(|s| s.durable >= upto || s.failed)
+                .await
+                .map_err(|_| StoreError::Unavailable("storage is stopped".into()))?;
+            if s.failed {
+                Err(sync_failed())
+            } else {
+                Ok(())
+            }
         }
     }
 
     /// The store has stopped writing (the WAL failed to sync).
     pub(super) fn check(&self) -> Result<(), StoreError> {
-        if self.state.lock().failed {
+        if self.state.borrow().failed {
             Err(sync_failed())
         } else {
             Ok(())
@@ -99,14 +114,11 @@ impl Gate {
     }
 
     fn durable(&self, upto: u64) {
-        let mut s = self.state.lock();
-        s.durable = s.durable.max(upto);
-        self.changed.notify_all();
+        self.state.send_modify(|s| s.durable = s.durable.max(upto));
     }
 
     fn fail(&self) {
-        self.state.lock().failed = true;
-        self.changed.notify_all();
+        self.state.send_modify(|s| s.failed = true);
     }
 }
 
