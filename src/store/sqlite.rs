@@ -2429,6 +2429,16 @@ mod tests {
             );
         }
         walbuf::fail_flushes_under(dir.path(), false);
+        // A read waits for every commit begun before it, failed ones too: theirs are
+        // passed at once, so it answers with no later commit to carry it.
+        let read = tokio::time::timeout(Duration::from_secs(10), stream_of(&store, bob));
+        let stored: Vec<_> = (0..12u64)
+            .map(|n| (n + 1, format!("message {n}")))
+            .collect();
+        assert_eq!(
+            read.await.expect("a read waited on a failed commit"),
+            stored
+        );
         send_acked(12, 13).await;
         assert_eq!(stream_of(&store, bob).await, want);
         store.shutdown().await.unwrap();
