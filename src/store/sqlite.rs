@@ -42,8 +42,8 @@
 //!   and how readers stay exact; `Writer::merge_in_batch` why inside the batch);
 //! - reads run on the caller runtime's blocking pool with a pooled read-only connection
 //!   (WAL: readers never wait for the writer and see every committed write);
-//! - a checkpointer thread runs PASSIVE WAL checkpoints every 200 ms, so the ack path
-//!   rarely pays for copying (`wal_autocheckpoint` is off on the writer); once a second
+//! - a checkpointer thread runs PASSIVE WAL checkpoints, back to back while frames
+//!   arrive and every 50 ms when idle, so the ack path rarely pays for copying (`wal_autocheckpoint` is off on the writer); once a second
 //!   the writer finishes the checkpoint itself between batches (see `Writer::run`),
 //!   which lets the WAL rewind: without it, steady writes kept it growing forever.
 //!

@@ -28,10 +28,14 @@
 //! WAL file gets a new header (the WAL starts over and its old frames will be
 //! overwritten), is truncated or is deleted, the database file is synced
 //! ([`sync_database`]). The store's checkpointer copies frames into the database
-//! without syncing it (its connection runs with `synchronous=OFF`, see the store);
+//! without syncing it (its thread skips database syncs, [`skipping_database_syncs`]);
 //! until the WAL starts over those frames are still in the WAL, which recovery
 //! replays, so nothing is lost before the sync here, and after it the database
 //! holds them durably.
+//!
+//! And it lets a thread change what a sync does ([`deferring_wal_syncs`] for the
+//! writer's COMMIT, whose WAL the store's syncer thread fsyncs;
+//! [`skipping_database_syncs`] for the checkpointer).
 //!
 //! Writing a VFS by hand rather than taking a crate: the crates that exist build a
 //! whole VFS in Rust (files, locks, shared memory); this one delegates every call
@@ -465,7 +469,7 @@ unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
 
 /// What a sync asked of this thread's connection does (see [`deferring_wal_syncs`]
 /// and [`skipping_database_syncs`]); every other thread syncs for real.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum SyncPolicy {
     Real,
     /// A WAL sync writes the WAL's buffered frames to the file and returns: the
@@ -781,8 +785,9 @@ mod tests {
         assert_eq!(n, 2400);
     }
 
-    /// The store's checkpointer copies frames without syncing the database
-    /// (`synchronous=OFF`): the database is synced before WAL content is discarded,
+    /// A checkpointer that copies frames without syncing the database (here
+    /// `synchronous=OFF`; the store's skips its database syncs on its thread, the same
+    /// for the database): the database is synced before WAL content is discarded,
     /// when the WAL starts over, is truncated, or is deleted by the last connection to
     /// close, and every row is there after that.
     #[test]
