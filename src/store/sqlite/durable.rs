@@ -151,10 +151,10 @@ fn sync_wal(wal: &std::path::Path, file: &mut Option<std::fs::File>) -> std::io:
             return Err(std::io::Error::other("injected sync failure"));
         }
     }
-    if file.is_none() {
-        *file = Some(std::fs::File::open(wal)?);
+    if let Some(f) = file {
+        return f.sync_data();
     }
-    file.as_ref().map_or(Ok(()), |f| f.sync_data())
+    file.insert(std::fs::File::open(wal)?).sync_data()
 }
 
 /// Starts the syncer thread for the WAL at `wal`. It ends when every sender of `rx`
@@ -174,35 +174,28 @@ pub(super) fn spawn_syncer(
                 batches.push(first);
                 batches.extend(rx.try_iter());
                 let upto = batches.last().map_or(0, |c| c.commit);
-                let synced = match gate.check() {
-                    Err(e) => Err(e),
-                    Ok(()) => sync_wal(&wal, &mut file).map_err(|e| {
-                        tracing::error!(wal = %wal.display(), error = %e,
-                            "store: the write-ahead log cannot be synced; writes stop (restart the server)");
-                        gate.fail();
-                        sync_failed()
-                    }),
-                };
-                if synced.is_ok() {
+                let failed = gate
+                    .check()
+                    .and_then(|()| {
+                        sync_wal(&wal, &mut file).map_err(|e| {
+                            tracing::error!(wal = %wal.display(), error = %e,
+                                "store: the write-ahead log cannot be synced; writes stop (restart the server)");
+                            gate.fail();
+                            sync_failed()
+                        })
+                    })
+                    .err();
+                if failed.is_none() {
                     gate.durable(upto);
                 }
                 for c in batches.drain(..) {
-                    match &synced {
-                        Ok(()) => {
-                            if !c.publications.is_empty() {
-                                if let Some(p) = publisher.read().as_ref() {
-                                    p(c.publications);
-                                }
-                            }
-                            for d in c.done {
-                                (d.send)(None);
-                            }
+                    if failed.is_none() && !c.publications.is_empty() {
+                        if let Some(p) = publisher.read().as_ref() {
+                            p(c.publications);
                         }
-                        Err(e) => {
-                            for d in c.done {
-                                (d.send)(Some(e.clone()));
-                            }
-                        }
+                    }
+                    for d in c.done {
+                        (d.send)(failed.clone());
                     }
                 }
             }
