@@ -43,9 +43,13 @@
 //! - reads run on the caller runtime's blocking pool with a pooled read-only connection
 //!   (WAL: readers never wait for the writer and see every committed write);
 //! - a checkpointer thread runs PASSIVE WAL checkpoints, back to back while frames
-//!   arrive and every 50 ms when idle, so the ack path rarely pays for copying (`wal_autocheckpoint` is off on the writer); once a second
-//!   the writer finishes the checkpoint itself between batches (see `Writer::run`),
-//!   which lets the WAL rewind: without it, steady writes kept it growing forever.
+//!   arrive and every 50 ms when idle, so the ack path rarely pays for copying
+//!   (`wal_autocheckpoint` is off on the writer); once a second the writer finishes
+//!   the checkpoint itself between batches (see `Writer::run`), which lets the WAL
+//!   rewind: without it, steady writes kept it growing forever. The checkpointer
+//!   holds a read transaction inside the WAL so that it never rewinds at any other
+//!   time, and syncs the database before handing the writer its pass, so the sync
+//!   before a rewind finds little to write (the `checkpoint` module).
 //!
 //! Durability: `journal_mode=WAL`; a write is acknowledged after the WAL holding its
 //! commit is fsynced (by the syncer thread, see the `durable` module), so an
@@ -62,6 +66,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+mod checkpoint;
 mod client_ids;
 mod durable;
 pub mod pcache;
@@ -374,10 +379,9 @@ impl SqliteStore {
         let recent = Arc::new(parking_lot::RwLock::new(recent::Recent::default()));
         let wrecent = recent.clone();
         let wcfg = cfg.clone();
-        // Set by the writer while it waits to finish a checkpoint; the checkpointer
-        // starts no pass meanwhile.
-        let finish_wanted = Arc::new(AtomicBool::new(false));
-        let finish = finish_wanted.clone();
+        // The hand-over of the writer's finishing checkpoint (see the checkpoint module).
+        let finish = Arc::new(checkpoint::Finish::default());
+        let wfinish = finish.clone();
         let gate = Arc::new(durable::Gate::default());
         let (committed, to_sync) = crossbeam_channel::bounded(cfg.unsynced_batches);
         let mut wal = path.clone().into_os_string();
@@ -388,48 +392,24 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("mychat-store-writer".into())
             .spawn(move || {
-                Writer::new(w, wrecent, &wcfg, wgate, committed).run(wrx, max_batch, finish);
+                Writer::new(w, wrecent, &wcfg, wgate, committed).run(wrx, max_batch, wfinish);
                 // The writer is gone, and with it the syncer's queue: everything
                 // committed is answered before the store reports stopped.
                 let _ = syncer.join();
             })
             .map_err(internal)?;
-        let cp_conn = open_checkpointer(&path)?;
-        let cp_db = std::fs::File::open(&path).map_err(internal)?;
-        let cp_closing = closing.clone();
-        let cp_finish = finish_wanted;
+        let cp = checkpoint::Checkpointer {
+            conn: open_checkpointer(&path)?,
+            pin: checkpoint::Pin::new([open(&path, true, 1, 0)?, open(&path, true, 1, 0)?]),
+            db: std::fs::File::open(&path).map_err(internal)?,
+            path: path.clone(),
+            finish,
+            closing: closing.clone(),
+            gate: gate.clone(),
+        };
         let checkpointer = std::thread::Builder::new()
             .name("mychat-store-checkpoint".into())
-            .spawn(move || {
-                walbuf::skipping_database_syncs();
-                // Back to back while frames arrive: each pass then copies only what the
-                // writer added during the previous one, so what the writer's
-                // once-a-second finishing pass has left to copy and fsync (a stall on
-                // the ack path) stays small. One-to-one at 5,000 msgs/s: p99 194 ms with
-                // a pass every 200 ms, 78 ms every 25 ms, 17 ms every 5 ms (medians of
-                // alternating runs). With nothing new it looks every 50 ms.
-                let mut seen = (-1i64, -1i64);
-                while !cp_closing.load(Ordering::Acquire) {
-                    if cp_finish.load(Ordering::Acquire) {
-                        // The writer is finishing a checkpoint: a pass of ours would
-                        // hold the checkpoint lock and make it fail (see Writer::run).
-                        std::thread::sleep(Duration::from_millis(1));
-                        continue;
-                    }
-                    // PASSIVE never blocks the writer; errors (busy) retry next round.
-                    let now = cp_conn
-                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                        })
-                        .unwrap_or(seen);
-                    let busy = now != seen;
-                    seen = now;
-                    if busy {
-                        start_writeback(&cp_db);
-                    }
-                    std::thread::sleep(Duration::from_millis(if busy { 5 } else { 50 }));
-                }
-            })
+            .spawn(move || cp.run())
             .map_err(internal)?;
         Ok(Arc::new(SqliteStore {
             writes: wtx,
@@ -523,10 +503,11 @@ impl SqliteStore {
 /// The checkpointer's connection. Its thread calls `walbuf::skipping_database_syncs`
 /// first: its passes copy frames into the database without syncing it; the kernel is
 /// told to start writing them out after each pass (see `start_writeback`), and the
-/// database is synced before the WAL starts over (the writer's finishing checkpoint
-/// does, and walbuf makes sure: it syncs the database before any WAL content is
-/// overwritten, truncated or deleted). Until then every copied frame is still in the
-/// WAL, which recovery replays.
+/// database is synced before the WAL starts over (the checkpointer itself just before
+/// the writer's finishing checkpoint, which syncs what it copied; and walbuf makes
+/// sure: it syncs the database before any WAL content is overwritten, truncated or
+/// deleted). Until then every copied frame is still in the WAL, which recovery
+/// replays.
 ///
 /// Why: on a grown database each pass ended in an fsync writing back thousands of
 /// scattered pages, passes took hundreds of milliseconds, and the frames written
@@ -817,7 +798,7 @@ impl Writer {
         }
     }
 
-    fn run(mut self, rx: Receiver<WriteOp>, max_batch: usize, finish_wanted: Arc<AtomicBool>) {
+    fn run(mut self, rx: Receiver<WriteOp>, max_batch: usize, finish: Arc<checkpoint::Finish>) {
         let mut batch = Vec::with_capacity(max_batch);
         let mut stop = false;
         let mut last_checkpoint = std::time::Instant::now();
@@ -847,24 +828,30 @@ impl Writer {
             // writer, with no frame added meanwhile, the checkpoint completes (unless a
             // reader still holds an old snapshot: then next time), and the next
             // transaction rewinds the WAL; journal_size_limit trims the file.
-            // A pass of the checkpointer's holds the checkpoint lock, and ours then
-            // fails at once (busy): so the checkpointer is told to start no new pass,
-            // and we try again after each batch until ours runs. Without this, on a
-            // 886 MB database under saturate-10k the checkpointer's passes were long
-            // enough to hold the lock at nearly every attempt: the WAL reached 1.3 GB
-            // in 20 s and every pass grew longer.
-            if last_checkpoint.elapsed() >= Duration::from_secs(1) {
-                finish_wanted.store(true, Ordering::Release);
+            // The checkpointer first copies up to here and syncs the database, off this
+            // path, and holds no pass or pin while ours runs (the checkpoint module):
+            // this pass copies and syncs only what arrived since. (Without the
+            // hand-over, on an 886 MB database under saturate-10k the checkpointer's
+            // passes held the checkpoint lock at nearly every attempt of ours: the WAL
+            // reached 1.3 GB in 20 s and every pass grew longer.)
+            if last_checkpoint.elapsed() >= Duration::from_secs(1) && finish.writer_may_finish() {
                 let busy = self
                     .conn
                     .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
                     // An error is not the lock: don't hold the checkpointer back on it.
                     .is_ok_and(|b| b != 0);
+                #[cfg(test)]
+                checkpoint::note(Path::new(self.conn.path().unwrap_or_default()), "finish");
                 if !busy {
                     last_checkpoint = std::time::Instant::now();
-                    finish_wanted.store(false, Ordering::Release);
+                    finish.writer_finished();
                 }
             }
+        }
+        if self.gate.check().is_err() {
+            // A sync failed (the durable and checkpoint modules): the WAL stays as
+            // it is, for the next start's recovery.
+            return;
         }
         // Shutting down: merge the stream log, then fold the WAL back into the
         // database file.
@@ -2579,6 +2566,153 @@ mod tests {
         .unwrap();
         assert!(done.0 == 0 && done.1 > 0 && done.1 == done.2, "{done:?}");
         assert_eq!(walbuf::wal_syncs_under(dir.path()), before + 1);
+    }
+
+    /// A PASSIVE checkpoint on `c`: (frames in the WAL, frames copied).
+    fn frames(c: &Connection) -> (i64, i64) {
+        checkpoint::pass(c).unwrap()
+    }
+
+    /// While the checkpointer's pin holds a snapshot inside the WAL, a write after a
+    /// pass that copied every frame appends to the WAL instead of starting it over
+    /// (and so needs no database sync first); moved to the WAL's end, the pin lets a
+    /// pass copy everything; released, the next write starts the WAL over, after a
+    /// database sync. A pin that takes no snapshot (no read after its BEGIN) fails
+    /// this.
+    #[test]
+    fn a_pin_keeps_the_wal_from_starting_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mychat.db");
+        let w = open(&path, false, 1, 0).unwrap();
+        w.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; CREATE TABLE meta(key, value); CREATE TABLE t(x);")
+            .unwrap();
+        let write = |n: i64| {
+            w.execute("INSERT INTO t VALUES(?1)", [n]).unwrap();
+        };
+        write(1);
+        let cp = open_checkpointer(&path).unwrap();
+        let mut pin = checkpoint::Pin::new([
+            open(&path, true, 1, 0).unwrap(),
+            open(&path, true, 1, 0).unwrap(),
+        ]);
+        pin.advance().unwrap();
+        let (log, copied) = frames(&cp);
+        assert!(log > 0 && copied == log, "{log} frames, {copied} copied");
+        let synced = walbuf::db_syncs(&path);
+        write(2);
+        let (log2, copied2) = frames(&cp);
+        assert!(
+            log2 > log,
+            "the WAL started over under a pin ({log} -> {log2} frames)"
+        );
+        assert_eq!(walbuf::db_syncs(&path), synced);
+        // Capped at the pin's snapshot: the frames of write 2 stay until it moves.
+        assert_eq!(copied2, log);
+        pin.advance().unwrap();
+        assert_eq!(frames(&cp), (log2, log2));
+        pin.release();
+        write(3);
+        assert_eq!(walbuf::db_syncs(&path), synced + 1);
+        let (log3, _) = frames(&cp);
+        assert!(log3 < log2, "the WAL did not start over ({log3} frames)");
+        let n: i64 = w
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 3);
+    }
+
+    /// Under a trickle of writes (the checkpointer catches up between them) the WAL
+    /// starts over only after the writer's once-a-second finishing pass, and the
+    /// checkpointer syncs the database before each such pass: the syncs walbuf makes
+    /// before a restart (on the writer's path) are about one per finishing pass, not
+    /// one per catch-up. Without the pin, or without the checkpointer's sync, this
+    /// fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_only_after_the_finishing_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mychat.db");
+        let (store, alice, bob) = two_users(dir.path()).await;
+        store.send_direct(text(alice, bob, 1)).await.unwrap();
+        let synced = walbuf::db_syncs(&path);
+        let start = std::time::Instant::now();
+        let mut n = 1;
+        while start.elapsed() < Duration::from_millis(2600) {
+            n += 1;
+            store.send_direct(text(alice, bob, n)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        let restarts = walbuf::db_syncs(&path) - synced;
+        let events: Vec<&str> = checkpoint::EVENTS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, e)| *e)
+            .collect();
+        let finishes = events.iter().filter(|e| **e == "finish").count();
+        assert!(finishes >= 2, "{events:?}");
+        // A batch may commit between the checkpointer's sync and the writer's pass:
+        // then the WAL starts over once before that pass and once after it.
+        assert!(
+            restarts <= 2 * finishes,
+            "{restarts} database syncs before a restart, {finishes} finishing passes, {n} writes"
+        );
+        let mut synced_since = false;
+        for e in &events {
+            match *e {
+                "sync" => synced_since = true,
+                _ => {
+                    assert!(
+                        synced_since,
+                        "a finishing pass with no sync before it: {events:?}"
+                    );
+                    synced_since = false;
+                }
+            }
+        }
+        store.shutdown().await.unwrap();
+    }
+
+    /// A database sync of the checkpointer's that fails stops the store as a failed
+    /// WAL sync does: writes get UNAVAILABLE from then on, even once syncs would work
+    /// again, and after a restart every acknowledged message is there. Not stopping
+    /// the store fails this.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_that_cannot_be_synced_stops_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, alice, bob) = two_users(dir.path()).await;
+        checkpoint::fail_syncs_under(dir.path(), true);
+        let start = std::time::Instant::now();
+        let mut acked = 0;
+        let refused = loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "still writing after 5 s"
+            );
+            match store.send_direct(text(alice, bob, acked + 1)).await {
+                Ok(o) => {
+                    acked += 1;
+                    assert_eq!(o.message.seq, acked);
+                }
+                Err(e) => break e,
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+        checkpoint::fail_syncs_under(dir.path(), false);
+        let later = store.send_direct(text(alice, bob, acked + 1)).await.err();
+        assert!(
+            matches!(later, Some(StoreError::Unavailable(_))),
+            "{later:?}"
+        );
+        store.shutdown().await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
+        for n in 1..=acked {
+            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
+            assert_eq!((o.message.seq, o.duplicate), (n, true));
+        }
+        store.shutdown().await.unwrap();
     }
 
     /// The resend index's rows: (sender, client message id, message id), in key order.

@@ -74,7 +74,7 @@ pub(super) struct Committed {
 }
 
 fn sync_failed() -> StoreError {
-    StoreError::Unavailable("storage failed: the write-ahead log cannot be synced".into())
+    StoreError::Unavailable("storage failed: a sync to disk failed".into())
 }
 
 impl Gate {
@@ -104,7 +104,8 @@ impl Gate {
         }
     }
 
-    /// The store has stopped writing (the WAL failed to sync).
+    /// The store has stopped writing (the WAL, or the database before the WAL could
+    /// start over, failed to sync).
     pub(super) fn check(&self) -> Result<(), StoreError> {
         if self.state.borrow().failed {
             Err(sync_failed())
@@ -117,7 +118,8 @@ impl Gate {
         self.state.send_modify(|s| s.durable = s.durable.max(upto));
     }
 
-    fn fail(&self) {
+    /// Stops the store: every waiting and later read and write fails.
+    pub(super) fn fail(&self) {
         self.state.send_modify(|s| s.failed = true);
     }
 }

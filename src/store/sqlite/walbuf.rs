@@ -155,7 +155,8 @@ pub(super) fn fail_db_syncs_under(dir: &std::path::Path, on: bool) {
 /// Makes the database file `db` durable (its data and size), before SQLite discards
 /// content of its WAL; an error fails the SQLite call that would have discarded it.
 /// Once a second under steady writes (the writer's finishing checkpoint lets the WAL
-/// start over), right after that checkpoint's own sync: little is left to write.
+/// start over; the store's checkpointer keeps it from starting over at other times),
+/// right after that checkpoint's own sync: little is left to write.
 fn sync_database(db: &std::path::Path) -> c_int {
     #[cfg(test)]
     if FAIL_DB_SYNCS.hits(&db.to_string_lossy()) {
