@@ -345,7 +345,12 @@ impl SqliteStore {
         cfg: &mychat_config::StoreConfig,
     ) -> Result<Arc<SqliteStore>, StoreError> {
         std::fs::create_dir_all(dir).map_err(internal)?;
-        let path = dir.join("mychat.db");
+        // Absolute and without symlinks, as SQLite names the file to walbuf.
+        let path = std::fs::canonicalize(dir)
+            .map_err(internal)?
+            .join("mychat.db");
+        // Opened again after a failed sync (in this process): recovery takes it from here.
+        walbuf::keep_wal(&path, false);
         let mut w = open(&path, false, cfg.cache_mib, cfg.mmap_mib)?;
         // page_size applies to a new file only (before its first table); journal_mode=WAL
         // persists in the file; synchronous and autocheckpoint are per connection.
@@ -2503,8 +2508,9 @@ mod tests {
 
     /// A WAL that cannot be synced stops the store: the write waiting for that sync,
     /// every later write and every read fail with UNAVAILABLE, even once syncs would
-    /// work again. Restarted, the store has what reached the file: the refused message
-    /// (the process never crashed), which a resend by its client id finds.
+    /// work again; the WAL is kept through the shutdown. Restarted, the store has what
+    /// reached the file: the refused message (the process never crashed), which a
+    /// resend by its client id finds.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_wal_that_cannot_be_synced_stops_the_store() {
         let dir = tempfile::tempdir().unwrap();
@@ -2522,6 +2528,7 @@ mod tests {
         assert!(unavailable(store.sync(bob, 0, 10).await.err()));
         store.shutdown().await.unwrap();
         drop(store);
+        assert_wal_kept(dir.path());
         let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
         let o = store.send_direct(text(alice, bob, 2)).await.unwrap();
         assert_eq!((o.message.seq, o.duplicate), (2, true));
@@ -2566,6 +2573,19 @@ mod tests {
         .unwrap();
         assert!(done.0 == 0 && done.1 > 0 && done.1 == done.2, "{done:?}");
         assert_eq!(walbuf::wal_syncs_under(dir.path()), before + 1);
+    }
+
+    /// After a failed sync and the store's shutdown (every connection closed), the
+    /// WAL is still there with its frames: neither the shutdown nor the checkpoint
+    /// SQLite runs at the last close discarded it.
+    fn assert_wal_kept(dir: &Path) {
+        let wal = dir.join("mychat.db-wal");
+        let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        // A 32-byte header, then frames of a 24-byte header and a 1 KiB page.
+        assert!(
+            len >= 32 + 24 + 1024,
+            "the WAL was discarded ({len} bytes left)"
+        );
     }
 
     /// A PASSIVE checkpoint on `c`: (frames in the WAL, frames copied).
@@ -2675,8 +2695,9 @@ mod tests {
 
     /// A database sync of the checkpointer's that fails stops the store as a failed
     /// WAL sync does: writes get UNAVAILABLE from then on, even once syncs would work
-    /// again, and after a restart every acknowledged message is there. Not stopping
-    /// the store fails this.
+    /// again; the WAL is kept through the shutdown, and after a restart every
+    /// acknowledged message is there. Not stopping the store, or letting the shutdown
+    /// discard the WAL, fails this.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_database_that_cannot_be_synced_stops_the_store() {
         let dir = tempfile::tempdir().unwrap();
@@ -2707,6 +2728,7 @@ mod tests {
         );
         store.shutdown().await.unwrap();
         drop(store);
+        assert_wal_kept(dir.path());
         let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
         for n in 1..=acked {
             let o = store.send_direct(text(alice, bob, n)).await.unwrap();

@@ -270,6 +270,7 @@ impl Checkpointer {
         tracing::error!(db = %self.path.display(), error = %e,
             "store: the database cannot be synced; writes stop (restart the server)");
         self.gate.fail();
+        super::walbuf::keep_wal(&self.path, true);
         if !self.pin.held() {
             let _ = self.pin.advance();
         }

@@ -33,7 +33,9 @@
 //!   acknowledged honestly. Every write waiting for the sync, and every write and read
 //!   after it, fails with UNAVAILABLE and the error is logged; the operator restarts
 //!   the server, whose recovery keeps what reached the disk (unacknowledged writes
-//!   either survive or not; clients resend them by their ids).
+//!   either survive or not; clients resend them by their ids). Until then nothing
+//!   discards the WAL, not the shutdown's checkpoint nor the last connection's close
+//!   (walbuf's `keep_wal`).
 //!
 //! [`deferring_wal_syncs`]: super::walbuf::deferring_wal_syncs
 
@@ -172,6 +174,12 @@ pub(super) fn spawn_syncer(
         .spawn(move || {
             let mut file = None;
             let mut batches = Vec::new();
+            // The database this WAL belongs to (SQLite names it `<database>-wal`).
+            let db = wal.with_file_name(
+                wal.file_name()
+                    .map(|n| n.to_string_lossy().trim_end_matches("-wal").to_owned())
+                    .unwrap_or_default(),
+            );
             while let Ok(first) = rx.recv() {
                 batches.push(first);
                 batches.extend(rx.try_iter());
@@ -183,6 +191,7 @@ pub(super) fn spawn_syncer(
                             tracing::error!(wal = %wal.display(), error = %e,
                                 "store: the write-ahead log cannot be synced; writes stop (restart the server)");
                             gate.fail();
+                            super::walbuf::keep_wal(&db, true);
                             sync_failed()
                         })
                     })

@@ -158,6 +158,10 @@ pub(super) fn fail_db_syncs_under(dir: &std::path::Path, on: bool) {
 /// start over; the store's checkpointer keeps it from starting over at other times),
 /// right after that checkpoint's own sync: little is left to write.
 fn sync_database(db: &std::path::Path) -> c_int {
+    if wal_kept(db) {
+        tracing::warn!(db = %db.display(), "store: a sync failed earlier; the WAL is kept for the next start's recovery");
+        return ffi::SQLITE_IOERR_FSYNC;
+    }
     #[cfg(test)]
     if FAIL_DB_SYNCS.hits(&db.to_string_lossy()) {
         return ffi::SQLITE_IOERR_FSYNC;
@@ -173,6 +177,30 @@ fn sync_database(db: &std::path::Path) -> c_int {
             ffi::SQLITE_IOERR_FSYNC
         }
     }
+}
+
+/// The databases whose WAL nothing may discard until the store opens them again.
+static KEPT_WALS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// After a failed sync (of the WAL, or of the database before the WAL could start
+/// over) the store stops; this keeps the WAL of `db` from then on (`on`): no restart,
+/// truncation or deletion of it, not even by the checkpoint SQLite runs when the last
+/// connection closes, since [`sync_database`] refuses. Why: after a failed fsync the
+/// kernel may have marked the pages clean without writing them and report the next
+/// fsync clean, so the database file cannot be trusted to hold what the WAL holds;
+/// the next start's recovery reads the WAL and copies every frame again. Cleared
+/// when the store opens the database again (`on` false).
+pub(super) fn keep_wal(db: &std::path::Path, on: bool) {
+    let mut kept = KEPT_WALS.lock().unwrap_or_else(|e| e.into_inner());
+    kept.retain(|p| p != db);
+    if on {
+        kept.push(db.to_path_buf());
+    }
+}
+
+fn wal_kept(db: &std::path::Path) -> bool {
+    let kept = KEPT_WALS.lock().unwrap_or_else(|e| e.into_inner());
+    !kept.is_empty() && kept.iter().any(|p| p == db)
 }
 
 /// The database a WAL file name belongs to (SQLite names it `<database>-wal`).
@@ -825,6 +853,44 @@ mod tests {
         assert!(!dir.path().join("t.db-wal").exists());
         assert_eq!(super::db_syncs(&path), synced + 1);
         assert_eq!(count(&reopened(&path)), 300);
+    }
+
+    /// A kept WAL (after a failed sync) is neither started over, nor truncated, nor
+    /// deleted by the last connection's close, and every row is there after a reopen;
+    /// once no longer kept, the WAL starts over again. Ignoring the mark fails this.
+    #[test]
+    fn a_kept_wal_is_never_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, w, r) = wal_db(dir.path());
+        let cp = unsynced_checkpointer(&path);
+        commit_round(&w, 0).unwrap();
+        let (_, log, copied) = checkpoint(&cp, "PASSIVE");
+        assert!(log > 0 && copied == log, "{log} frames, {copied} copied");
+        super::keep_wal(&path, true);
+        assert!(commit_round(&w, 1).is_err(), "the kept WAL started over");
+        let _ = w.execute_batch("ROLLBACK");
+        assert!(
+            w.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").is_err(),
+            "the kept WAL was truncated"
+        );
+        drop(r);
+        drop(cp);
+        drop(w);
+        let wal_file = dir.path().join("t.db-wal");
+        let len = std::fs::metadata(&wal_file).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            len > 32,
+            "the kept WAL was discarded at close ({len} bytes)"
+        );
+        super::keep_wal(&path, false);
+        let w = super::super::open(&path, false, 1, 0).unwrap();
+        w.execute_batch("PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0;")
+            .unwrap();
+        assert_eq!(count(&w), 100);
+        commit_round(&w, 1).unwrap();
+        assert_eq!(count(&w), 200);
+        drop(w);
+        assert_eq!(count(&reopened(&path)), 200);
     }
 
     /// A database sync that fails refuses what would discard WAL content: the commit
