@@ -264,6 +264,10 @@ const UPDATE_READ: i64 = 2;
 const DEVICE_BY_KEY: &str =
     "SELECT user_id, device_id, platform, cursor, token_epoch FROM devices WHERE user_id=?1 AND device_id=?2";
 const CONV_DIRECT: i64 = 1;
+/// Tests: how many conversations each opening of a database put in the pair cache.
+#[cfg(test)]
+static PRELOADED: std::sync::Mutex<Vec<(PathBuf, usize)>> = std::sync::Mutex::new(Vec::new());
+
 /// Prepared statements each connection keeps.
 const STATEMENT_CACHE: usize = 128;
 /// Bound on the writer's caches; past it they are dropped and refilled lazily.
@@ -810,7 +814,46 @@ impl Writer {
         }
     }
 
+    /// Fills the pair cache with the newest direct conversations (up to half its
+    /// bound), in the writer's thread before its first batch. Without it, after a
+    /// restart the first message between each pair looked its conversation up: under
+    /// saturate-10k (100,000 pairs, each existing) on a freshly started server that
+    /// lookup was 6 % of the writer's samples. Conversations never change or go, so
+    /// the cache stays exact. About 50 ms and 6 MB per 100,000 conversations.
+    fn preload_pairs(&mut self) {
+        let started = std::time::Instant::now();
+        let loaded = self
+            .conn
+            .prepare(&format!(
+                "SELECT {CONV_COLS} FROM conversations WHERE group_id=0 ORDER BY id DESC LIMIT ?1"
+            ))
+            .and_then(|mut s| {
+                s.query_map([(CACHE_MAX / 2) as i64], conv_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            });
+        match loaded {
+            Ok(convs) => {
+                let n = convs.len();
+                self.pairs
+                    .extend(convs.into_iter().map(|c| ((c.user_a, c.user_b), c)));
+                #[cfg(test)]
+                PRELOADED.lock().unwrap().push((
+                    Path::new(self.conn.path().unwrap_or_default()).to_path_buf(),
+                    n,
+                ));
+                tracing::debug!(
+                    conversations = n,
+                    ms = started.elapsed().as_millis() as u64,
+                    "store: conversation cache filled"
+                );
+            }
+            // The cache fills lazily instead.
+            Err(e) => tracing::warn!(error = %e, "store: cannot fill the conversation cache"),
+        }
+    }
+
     fn run(mut self, rx: Receiver<WriteOp>, max_batch: usize, finish: Arc<checkpoint::Finish>) {
+        self.preload_pairs();
         let mut batch = Vec::with_capacity(max_batch);
         let mut stop = false;
         let mut last_checkpoint = std::time::Instant::now();
@@ -2741,6 +2784,57 @@ mod tests {
             let o = store.send_direct(text(alice, bob, n)).await.unwrap();
             assert_eq!((o.message.seq, o.duplicate), (n, true));
         }
+        store.shutdown().await.unwrap();
+    }
+
+    /// A restarted store fills its conversation cache from the database, and the
+    /// first messages after the restart land in the conversations of before, whichever
+    /// side sends. Not filling it fails this.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_store_knows_its_conversations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, alice, bob) = two_users(dir.path()).await;
+        let carol = store
+            .create_user("carol".into(), "x".into(), 0)
+            .await
+            .unwrap()
+            .id;
+        let ab = store
+            .send_direct(text(alice, bob, 1))
+            .await
+            .unwrap()
+            .message;
+        let ca = store
+            .send_direct(text(carol, alice, 2))
+            .await
+            .unwrap()
+            .message;
+        assert_ne!(ab.conversation_id, ca.conversation_id);
+        store.shutdown().await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
+        let ba = store
+            .send_direct(text(bob, alice, 3))
+            .await
+            .unwrap()
+            .message;
+        let ac = store
+            .send_direct(text(alice, carol, 4))
+            .await
+            .unwrap()
+            .message;
+        assert_eq!((ba.conversation_id, ba.seq), (ab.conversation_id, 2));
+        assert_eq!((ac.conversation_id, ac.seq), (ca.conversation_id, 2));
+        let path = dir.path().canonicalize().unwrap().join("mychat.db");
+        let filled: Vec<usize> = PRELOADED
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, n)| *n)
+            .collect();
+        // The first open found none, the second both.
+        assert_eq!(filled, [0, 2]);
         store.shutdown().await.unwrap();
     }
 
