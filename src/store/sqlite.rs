@@ -1014,6 +1014,12 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed; the batch is refused");
                 let _ = self.conn.execute_batch("ROLLBACK");
+                let stopped = walbuf::wal_kept(Path::new(self.conn.path().unwrap_or_default()));
+                if stopped {
+                    // A sync failed (walbuf's, before the WAL would start over): from
+                    // here on every write and read fails, as after a failed WAL sync.
+                    self.gate.fail();
+                }
                 self.merges_failed(merges);
                 self.batch_seq.clear();
                 self.batch_pts.clear();
@@ -1026,8 +1032,13 @@ impl Writer {
                 self.groups.clear();
                 self.groups_dirty.clear();
                 self.publications.clear();
+                let refused = if stopped {
+                    durable::sync_failed()
+                } else {
+                    StoreError::Internal("commit failed".into())
+                };
                 for d in done {
-                    (d.send)(Some(StoreError::Internal("commit failed".into())));
+                    (d.send)(Some(refused.clone()));
                 }
                 // Nothing of it to sync, but readers wait until its number is passed.
                 let _ = self.committed.send(durable::Committed {
@@ -2636,6 +2647,52 @@ mod tests {
             len >= 32 + 24 + 1024,
             "the WAL was discarded ({len} bytes left)"
         );
+    }
+
+    /// A database sync failing just before the WAL would start over (walbuf's) stops
+    /// the store: the batch that would have started it over and every write and read
+    /// after it get UNAVAILABLE, even once syncs work again; the WAL is kept through the
+    /// shutdown, and after a restart every acknowledged message is there. Answering
+    /// INTERNAL, or not stopping, fails this.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_before_a_wal_restart_stops_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, alice, bob) = two_users(dir.path()).await;
+        walbuf::fail_db_syncs_under(dir.path(), true);
+        let start = std::time::Instant::now();
+        let mut acked = 0;
+        let refused = loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "still writing after 5 s"
+            );
+            match store.send_direct(text(alice, bob, acked + 1)).await {
+                Ok(o) => {
+                    acked += 1;
+                    assert_eq!(o.message.seq, acked);
+                }
+                Err(e) => break e,
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        walbuf::fail_db_syncs_under(dir.path(), false);
+        assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+        let later = store.send_direct(text(alice, bob, acked + 2)).await.err();
+        assert!(
+            matches!(later, Some(StoreError::Unavailable(_))),
+            "{later:?}"
+        );
+        let read = store.sync(bob, 0, 10).await.err();
+        assert!(matches!(read, Some(StoreError::Unavailable(_))), "{read:?}");
+        store.shutdown().await.unwrap();
+        drop(store);
+        assert_wal_kept(dir.path());
+        let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
+        for n in 1..=acked {
+            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
+            assert_eq!((o.message.seq, o.duplicate), (n, true));
+        }
+        store.shutdown().await.unwrap();
     }
 
     /// A PASSIVE checkpoint on `c`: (frames in the WAL, frames copied).

@@ -75,7 +75,8 @@ pub(super) struct Committed {
     pub(super) done: Vec<Done>,
 }
 
-fn sync_failed() -> StoreError {
+/// What every write and read answers once a sync failed.
+pub(super) fn sync_failed() -> StoreError {
     StoreError::Unavailable("storage failed: a sync to disk failed".into())
 }
 

@@ -153,8 +153,8 @@ pub(super) fn fail_db_syncs_under(dir: &std::path::Path, on: bool) {
 }
 
 /// Makes the database file `db` durable (its data and size), before SQLite discards
-/// content of its WAL; an error fails the SQLite call that would have discarded it.
-/// Once a second under steady writes (the writer's finishing checkpoint lets the WAL
+/// content of its WAL; an error fails the SQLite call that would have discarded it,
+/// and keeps the WAL from then on ([`keep_wal`]: the store stops). Once a second under steady writes (the writer's finishing checkpoint lets the WAL
 /// start over; the store's checkpointer keeps it from starting over at other times),
 /// right after that checkpoint's own sync: little is left to write.
 fn sync_database(db: &std::path::Path) -> c_int {
@@ -162,18 +162,22 @@ fn sync_database(db: &std::path::Path) -> c_int {
         tracing::warn!(db = %db.display(), "store: a sync failed earlier; the WAL is kept for the next start's recovery");
         return ffi::SQLITE_IOERR_FSYNC;
     }
+    let synced = std::fs::File::open(db).and_then(|f| f.sync_all());
     #[cfg(test)]
-    if FAIL_DB_SYNCS.hits(&db.to_string_lossy()) {
-        return ffi::SQLITE_IOERR_FSYNC;
-    }
-    match std::fs::File::open(db).and_then(|f| f.sync_all()) {
+    let synced = if FAIL_DB_SYNCS.hits(&db.to_string_lossy()) {
+        Err(std::io::Error::other("injected sync failure"))
+    } else {
+        synced
+    };
+    match synced {
         Ok(()) => {
             #[cfg(test)]
             DB_SYNCS.lock().unwrap().push(db.to_path_buf());
             ffi::SQLITE_OK
         }
         Err(e) => {
-            tracing::error!(db = %db.display(), error = %e, "store: cannot sync the database before the WAL starts over");
+            tracing::error!(db = %db.display(), error = %e, "store: cannot sync the database before the WAL starts over; the WAL is kept and writes stop (restart the server)");
+            keep_wal(db, true);
             ffi::SQLITE_IOERR_FSYNC
         }
     }
@@ -182,8 +186,9 @@ fn sync_database(db: &std::path::Path) -> c_int {
 /// The databases whose WAL nothing may discard until the store opens them again.
 static KEPT_WALS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
 
-/// After a failed sync (of the WAL, or of the database before the WAL could start
-/// over) the store stops; this keeps the WAL of `db` from then on (`on`): no restart,
+/// After a failed sync (of the WAL, of the database before the WAL could start over,
+/// here or in the checkpointer) the store stops; this keeps the WAL of `db` from then
+/// on (`on`): no restart,
 /// truncation or deletion of it, not even by the checkpoint SQLite runs when the last
 /// connection closes, since [`sync_database`] refuses. Why: after a failed fsync the
 /// kernel may have marked the pages clean without writing them and report the next
@@ -198,7 +203,7 @@ pub(super) fn keep_wal(db: &std::path::Path, on: bool) {
     }
 }
 
-fn wal_kept(db: &std::path::Path) -> bool {
+pub(super) fn wal_kept(db: &std::path::Path) -> bool {
     let kept = KEPT_WALS.lock().unwrap_or_else(|e| e.into_inner());
     !kept.is_empty() && kept.iter().any(|p| p == db)
 }
@@ -894,8 +899,10 @@ mod tests {
     }
 
     /// A database sync that fails refuses what would discard WAL content: the commit
-    /// that would start the WAL over fails and nothing of it is seen; once syncs work
-    /// again the next commit starts it over, and every row is there after a reopen.
+    /// that would start the WAL over fails and nothing of it is seen, and the WAL is
+    /// kept from then on, even once syncs work again (after a failed fsync the next
+    /// may report clean with the pages unwritten); once the store would open it again
+    /// the next commit starts it over, and every row is there after a reopen.
     #[test]
     fn a_failed_database_sync_keeps_the_wal() {
         let dir = tempfile::tempdir().unwrap();
@@ -922,6 +929,11 @@ mod tests {
         // The file still holds the old header, so the first round's frames, which
         // recovery would replay.
         assert_eq!(header(), before);
+        assert!(super::wal_kept(&path));
+        assert!(commit_round(&w, 1).is_err(), "a failed sync was retried");
+        let _ = w.execute_batch("ROLLBACK");
+        assert_eq!(header(), before);
+        super::keep_wal(&path, false);
         commit_round(&w, 1).unwrap();
         assert_ne!(header(), before);
         assert_eq!((count(&w), count(&r)), (200, 200));
@@ -938,11 +950,12 @@ mod tests {
             "the WAL was truncated unsynced"
         );
         assert_eq!(wal_len(), len);
+        super::fail_db_syncs_under(dir.path(), false);
         drop(cp);
         drop(r);
         drop(w);
         assert!(wal_file.exists(), "the WAL was deleted unsynced");
-        super::fail_db_syncs_under(dir.path(), false);
+        super::keep_wal(&path, false);
         assert_eq!(count(&reopened(&path)), 200);
     }
 
