@@ -703,6 +703,8 @@ struct StreamStep {
 /// The writer thread's state: the one write connection and the exact caches.
 struct Writer {
     conn: Connection,
+    /// The database file, as SQLite names it (walbuf's marks and the tests' events).
+    db: PathBuf,
     last_seq: HashMap<ConvId, u64>,
     last_pts: HashMap<UserId, u64>,
     pairs: HashMap<(UserId, UserId), ConvRecord>,
@@ -801,6 +803,7 @@ impl Writer {
                     |r| r.get(0),
                 )
                 .unwrap_or(1),
+            db: PathBuf::from(conn.path().unwrap_or_default()),
             conn,
             last_seq: HashMap::new(),
             last_pts: HashMap::new(),
@@ -837,10 +840,7 @@ impl Writer {
                 self.pairs
                     .extend(convs.into_iter().map(|c| ((c.user_a, c.user_b), c)));
                 #[cfg(test)]
-                PRELOADED.lock().unwrap().push((
-                    Path::new(self.conn.path().unwrap_or_default()).to_path_buf(),
-                    n,
-                ));
+                PRELOADED.lock().unwrap().push((self.db.clone(), n));
                 tracing::debug!(
                     conversations = n,
                     ms = started.elapsed().as_millis() as u64,
@@ -889,14 +889,18 @@ impl Writer {
             // hand-over, on an 886 MB database under saturate-10k the checkpointer's
             // passes held the checkpoint lock at nearly every attempt of ours: the WAL
             // reached 1.3 GB in 20 s and every pass grew longer.)
-            if last_checkpoint.elapsed() >= Duration::from_secs(1) && finish.writer_may_finish() {
+            // (None once a sync failed and the store stopped: the WAL stays as it is.)
+            if last_checkpoint.elapsed() >= Duration::from_secs(1)
+                && self.gate.check().is_ok()
+                && finish.writer_may_finish()
+            {
                 let busy = self
                     .conn
                     .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
                     // An error is not the lock: don't hold the checkpointer back on it.
                     .is_ok_and(|b| b != 0);
                 #[cfg(test)]
-                checkpoint::note(Path::new(self.conn.path().unwrap_or_default()), "finish");
+                checkpoint::note(&self.db, "finish");
                 if !busy {
                     last_checkpoint = std::time::Instant::now();
                     finish.writer_finished();
@@ -1014,7 +1018,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed; the batch is refused");
                 let _ = self.conn.execute_batch("ROLLBACK");
-                let stopped = walbuf::wal_kept(Path::new(self.conn.path().unwrap_or_default()));
+                let stopped = walbuf::wal_kept(&self.db);
                 if stopped {
                     // A sync failed (walbuf's, before the WAL would start over): from
                     // here on every write and read fails, as after a failed WAL sync.
