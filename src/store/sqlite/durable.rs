@@ -175,12 +175,9 @@ pub(super) fn spawn_syncer(
         .spawn(move || {
             let mut file = None;
             let mut batches = Vec::new();
-            // The database this WAL belongs to (SQLite names it `<database>-wal`).
-            let db = wal.with_file_name(
-                wal.file_name()
-                    .map(|n| n.to_string_lossy().trim_end_matches("-wal").to_owned())
-                    .unwrap_or_default(),
-            );
+            // The database this WAL belongs to.
+            let wal_name = wal.to_string_lossy();
+            let db = PathBuf::from(super::walbuf::database_of_wal(&wal_name).unwrap_or_default());
             while let Ok(first) = rx.recv() {
                 batches.push(first);
                 batches.extend(rx.try_iter());

@@ -154,9 +154,10 @@ pub(super) fn fail_db_syncs_under(dir: &std::path::Path, on: bool) {
 
 /// Makes the database file `db` durable (its data and size), before SQLite discards
 /// content of its WAL; an error fails the SQLite call that would have discarded it,
-/// and keeps the WAL from then on ([`keep_wal`]: the store stops). Once a second under steady writes (the writer's finishing checkpoint lets the WAL
-/// start over; the store's checkpointer keeps it from starting over at other times),
-/// right after that checkpoint's own sync: little is left to write.
+/// and keeps the WAL from then on ([`keep_wal`]: the store stops). Once a second
+/// under steady writes (the writer's finishing checkpoint lets the WAL start over;
+/// the store's checkpointer keeps it from starting over at other times), right after
+/// that checkpoint's own sync: little is left to write.
 fn sync_database(db: &std::path::Path) -> c_int {
     if wal_kept(db) {
         tracing::warn!(db = %db.display(), "store: a sync failed earlier; the WAL is kept for the next start's recovery");
@@ -188,9 +189,8 @@ static KEPT_WALS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::
 
 /// After a failed sync (of the WAL, of the database before the WAL could start over,
 /// here or in the checkpointer) the store stops; this keeps the WAL of `db` from then
-/// on (`on`): no restart,
-/// truncation or deletion of it, not even by the checkpoint SQLite runs when the last
-/// connection closes, since [`sync_database`] refuses. Why: after a failed fsync the
+/// on (`on`): no restart, truncation or deletion of it, not even by the checkpoint
+/// SQLite runs when the last connection closes, since [`sync_database`] refuses. Why: after a failed fsync the
 /// kernel may have marked the pages clean without writing them and report the next
 /// fsync clean, so the database file cannot be trusted to hold what the WAL holds;
 /// the next start's recovery reads the WAL and copies every frame again. Cleared
@@ -205,11 +205,11 @@ pub(super) fn keep_wal(db: &std::path::Path, on: bool) {
 
 pub(super) fn wal_kept(db: &std::path::Path) -> bool {
     let kept = KEPT_WALS.lock().unwrap_or_else(|e| e.into_inner());
-    !kept.is_empty() && kept.iter().any(|p| p == db)
+    kept.iter().any(|p| p == db)
 }
 
 /// The database a WAL file name belongs to (SQLite names it `<database>-wal`).
-fn database_of_wal(wal: &str) -> Option<&str> {
+pub(super) fn database_of_wal(wal: &str) -> Option<&str> {
     wal.strip_suffix("-wal")
 }
 
