@@ -2653,16 +2653,14 @@ mod tests {
         );
     }
 
-    /// A database sync failing just before the WAL would start over (walbuf's) stops
-    /// the store: the batch that would have started it over and every write and read
-    /// after it get UNAVAILABLE, even once syncs work again; the WAL is kept through the
-    /// shutdown, and after a restart every acknowledged message is there. Answering
-    /// INTERNAL, or not stopping, fails this.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_sync_before_a_wal_restart_stops_the_store() {
+    /// With syncs failing (`fail` turns the injection on and off under a directory),
+    /// writes go on until one is refused with UNAVAILABLE; from then on writes and
+    /// reads get UNAVAILABLE even once syncs work again; the WAL is kept through the
+    /// shutdown; and after a restart every acknowledged message is there.
+    async fn a_failed_sync_stops_the_store(fail: fn(&Path, bool)) {
         let dir = tempfile::tempdir().unwrap();
         let (store, alice, bob) = two_users(dir.path()).await;
-        walbuf::fail_db_syncs_under(dir.path(), true);
+        fail(dir.path(), true);
         let start = std::time::Instant::now();
         let mut acked = 0;
         let refused = loop {
@@ -2679,7 +2677,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
-        walbuf::fail_db_syncs_under(dir.path(), false);
+        fail(dir.path(), false);
         assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
         let later = store.send_direct(text(alice, bob, acked + 2)).await.err();
         assert!(
@@ -2697,6 +2695,15 @@ mod tests {
             assert_eq!((o.message.seq, o.duplicate), (n, true));
         }
         store.shutdown().await.unwrap();
+    }
+
+    /// A database sync failing just before the WAL would start over (walbuf's) stops
+    /// the store (see `a_failed_sync_stops_the_store`; the batch that would have
+    /// started the WAL over is the one refused). Answering INTERNAL, not stopping, or
+    /// not keeping the WAL fails this.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_before_a_wal_restart_stops_the_store() {
+        a_failed_sync_stops_the_store(walbuf::fail_db_syncs_under).await;
     }
 
     /// A PASSIVE checkpoint on `c`: (frames in the WAL, frames copied).
@@ -2804,48 +2811,13 @@ mod tests {
         store.shutdown().await.unwrap();
     }
 
-    /// A database sync of the checkpointer's that fails stops the store as a failed
-    /// WAL sync does: writes get UNAVAILABLE from then on, even once syncs would work
-    /// again; the WAL is kept through the shutdown, and after a restart every
-    /// acknowledged message is there. Not stopping the store, or letting the shutdown
-    /// discard the WAL, fails this.
+    /// A database sync of the checkpointer's that fails (before the writer's
+    /// finishing pass) stops the store as a failed WAL sync does (see
+    /// `a_failed_sync_stops_the_store`). Not stopping the store, or letting the
+    /// shutdown discard the WAL, fails this.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_database_that_cannot_be_synced_stops_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, alice, bob) = two_users(dir.path()).await;
-        checkpoint::fail_syncs_under(dir.path(), true);
-        let start = std::time::Instant::now();
-        let mut acked = 0;
-        let refused = loop {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "still writing after 5 s"
-            );
-            match store.send_direct(text(alice, bob, acked + 1)).await {
-                Ok(o) => {
-                    acked += 1;
-                    assert_eq!(o.message.seq, acked);
-                }
-                Err(e) => break e,
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        };
-        assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
-        checkpoint::fail_syncs_under(dir.path(), false);
-        let later = store.send_direct(text(alice, bob, acked + 1)).await.err();
-        assert!(
-            matches!(later, Some(StoreError::Unavailable(_))),
-            "{later:?}"
-        );
-        store.shutdown().await.unwrap();
-        drop(store);
-        assert_wal_kept(dir.path());
-        let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
-        for n in 1..=acked {
-            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
-            assert_eq!((o.message.seq, o.duplicate), (n, true));
-        }
-        store.shutdown().await.unwrap();
+        a_failed_sync_stops_the_store(checkpoint::fail_syncs_under).await;
     }
 
     /// A restarted store fills its conversation cache from the database, and the
