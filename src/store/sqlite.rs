@@ -518,7 +518,7 @@ impl SqliteStore {
 
 /// The checkpointer's connection. Its thread calls `walbuf::skipping_database_syncs`
 /// first: its passes copy frames into the database without syncing it; the kernel is
-/// told to start writing them out after each pass (see `start_writeback`), and the
+/// told to start writing them out after each pass (`checkpoint::start_writeback`), and the
 /// database is synced before the WAL starts over (the checkpointer itself just before
 /// the writer's finishing checkpoint, which syncs what it copied; and walbuf makes
 /// sure: it syncs the database before any WAL content is overwritten, truncated or
@@ -545,25 +545,6 @@ fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
     c.execute_batch("PRAGMA synchronous=NORMAL")
         .map_err(internal)?;
     Ok(c)
-}
-
-/// Starts writing the database file's dirty pages to disk without waiting for them
-/// (Linux: `sync_file_range`), so that the sync before the WAL starts over finds little
-/// left to write. Elsewhere it syncs, which waits.
-fn start_writeback(f: &std::fs::File) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid descriptor; the call only schedules writeback. Its result
-        // is advice: a failure leaves the pages to the sync before the WAL starts over.
-        unsafe {
-            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = f.sync_data();
-    }
 }
 
 /// Moves every event of the stream log into `updates` and empties the log, and every
@@ -894,11 +875,8 @@ impl Writer {
                 && self.gate.check().is_ok()
                 && finish.writer_may_finish()
             {
-                let busy = self
-                    .conn
-                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0))
-                    // An error is not the lock: don't hold the checkpointer back on it.
-                    .is_ok_and(|b| b != 0);
+                // An error is not the lock: don't hold the checkpointer back on it.
+                let busy = checkpoint::pass(&self.conn).is_ok_and(|p| p.busy);
                 #[cfg(test)]
                 checkpoint::note(&self.db, "finish");
                 if !busy {
@@ -2625,18 +2603,14 @@ mod tests {
         let cp = open_checkpointer(&path).unwrap();
         let done = std::thread::spawn(move || {
             walbuf::skipping_database_syncs();
-            cp.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .unwrap()
+            checkpoint::pass(&cp).unwrap()
         })
         .join()
         .unwrap();
-        assert!(done.0 == 0 && done.1 > 0 && done.1 == done.2, "{done:?}");
+        assert!(
+            !done.busy && done.log > 0 && done.log == done.copied,
+            "{done:?}"
+        );
         assert_eq!(walbuf::wal_syncs_under(dir.path()), before + 1);
     }
 
@@ -2708,7 +2682,8 @@ mod tests {
 
     /// A PASSIVE checkpoint on `c`: (frames in the WAL, frames copied).
     fn frames(c: &Connection) -> (i64, i64) {
-        checkpoint::pass(c).unwrap()
+        let p = checkpoint::pass(c).unwrap();
+        (p.log, p.copied)
     }
 
     /// While the checkpointer's pin holds a snapshot inside the WAL, a write after a
