@@ -268,6 +268,10 @@ const CONV_DIRECT: i64 = 1;
 #[cfg(test)]
 static PRELOADED: std::sync::Mutex<Vec<(PathBuf, usize)>> = std::sync::Mutex::new(Vec::new());
 
+/// For tests: the database of each probe of `client_ids` by a resend lookup.
+#[cfg(test)]
+static RESEND_PROBES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
 /// Prepared statements each connection keeps.
 const STATEMENT_CACHE: usize = 128;
 /// Bound on the writer's caches; past it they are dropped and refilled lazily.
@@ -2871,6 +2875,77 @@ mod tests {
             .collect();
         // The first open found none, the second both.
         assert_eq!(filled, [0, 2]);
+        store.shutdown().await.unwrap();
+    }
+
+    /// A new message's resend lookup is ruled out by its sender's filter without a
+    /// probe of `client_ids`, and every resend still finds its original: entries the
+    /// merges wrote before the filter was built, while it was rebuilt past its
+    /// capacity (some then still in the writer's map), and after a restart, when the
+    /// filter is built from the table alone. A filter missing any of those entries
+    /// answers such a resend as a new message; no filter at all probes every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resend_filters_skip_the_index_and_miss_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = mychat_config::StoreConfig {
+            stream_log_rows: 4,
+            stream_merge_rows: 2,
+            ..Default::default()
+        };
+        let path = dir.path().canonicalize().unwrap().join("mychat.db");
+        let probes = || {
+            let all = RESEND_PROBES.lock().unwrap();
+            all.iter().filter(|p| **p == path).count()
+        };
+        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+        let alice = store
+            .create_user("alice".into(), "x".into(), 0)
+            .await
+            .unwrap()
+            .id;
+        let bob = store
+            .create_user("bob".into(), "x".into(), 0)
+            .await
+            .unwrap()
+            .id;
+        let mut ids = Vec::new();
+        // 300 messages: alice's filter is built at her first and rebuilt twice.
+        for n in 0..300 {
+            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
+            assert!(!o.duplicate);
+            ids.push(o.message.id);
+        }
+        assert_eq!(probes(), 0, "lookups of new messages probed the index");
+        let resend_all = |store: Arc<SqliteStore>, ids: Vec<u64>| async move {
+            for (n, id) in ids.iter().enumerate() {
+                let o = store.send_direct(text(alice, bob, n as u64)).await.unwrap();
+                assert_eq!((o.duplicate, o.message.id), (true, *id), "resend of {n}");
+            }
+        };
+        resend_all(store.clone(), ids.clone()).await;
+        let merged: i64 = store
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM client_ids", [], |r| r.get(0))
+                    .map_err(internal)
+            })
+            .await
+            .unwrap();
+        assert!(merged > 250, "only {merged} entries merged");
+        store.shutdown().await.unwrap();
+        drop(store);
+        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+        resend_all(store.clone(), ids.clone()).await;
+        let before = probes();
+        for n in 300..350 {
+            assert!(
+                !store
+                    .send_direct(text(alice, bob, n))
+                    .await
+                    .unwrap()
+                    .duplicate
+            );
+        }
+        assert_eq!(probes(), before, "lookups of new messages probed the index");
         store.shutdown().await.unwrap();
     }
 

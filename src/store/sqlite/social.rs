@@ -1201,22 +1201,29 @@ impl Writer {
     /// The message `sender` stored under `cid`, if any: the writer's map of entries
     /// not merged yet, then `client_ids` (see the client_ids module).
     pub(super) fn find_client_msg(
-        &self,
+        &mut self,
         sender: UserId,
         cid: &str,
     ) -> Result<Option<Message>, StoreError> {
+        if self.cids.needs_filter(sender) {
+            self.load_resend_filter(sender)?;
+        }
         let id = match self.cids.get(sender, cid) {
             Some(id) => Some(id as i64),
-            None => self
-                .conn
-                .prepare_cached(
-                    "SELECT msg_id FROM client_ids WHERE sender_id=?1 AND client_msg_id=?2",
-                )
-                .and_then(|mut s| {
-                    s.query_row(params![sender.0 as i64, cid], |r| r.get(0))
-                        .optional()
-                })
-                .map_err(internal)?,
+            None if self.cids.surely_not_stored(sender, cid) => None,
+            None => {
+                #[cfg(test)]
+                RESEND_PROBES.lock().unwrap().push(self.db.clone());
+                self.conn
+                    .prepare_cached(
+                        "SELECT msg_id FROM client_ids WHERE sender_id=?1 AND client_msg_id=?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![sender.0 as i64, cid], |r| r.get(0))
+                            .optional()
+                    })
+                    .map_err(internal)?
+            }
         };
         let Some(id) = id else { return Ok(None) };
         self.conn
@@ -1225,6 +1232,23 @@ impl Writer {
             ))
             .and_then(|mut s| s.query_row([id], |r| message_at(r, 0)).optional())
             .map_err(internal)
+    }
+
+    /// Builds `sender`'s resend filter from its entries in `client_ids` (the
+    /// client_ids module).
+    fn load_resend_filter(&mut self, sender: UserId) -> Result<(), StoreError> {
+        let max = client_ids::FILTER_MAX_ENTRIES;
+        let stored: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT client_msg_id FROM client_ids WHERE sender_id=?1 LIMIT ?2")
+            .and_then(|mut s| {
+                s.query_map(params![sender.0 as i64, max as i64 + 1], |r| r.get(0))?
+                    .collect()
+            })
+            .map_err(internal)?;
+        self.cids
+            .set_filter(sender, (stored.len() <= max).then_some(stored));
+        Ok(())
     }
 
     fn visible(&mut self, user: UserId, m: &Message) -> Result<bool, StoreError> {
