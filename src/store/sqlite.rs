@@ -2588,15 +2588,12 @@ mod tests {
             others.push(u.unwrap().id);
         }
         let (carol, dave) = (others[0], others[1]);
-        assert_eq!(
-            store
-                .send_direct(text(alice, bob, 1))
-                .await
-                .unwrap()
-                .message
-                .seq,
-            1
-        );
+        // Alice to Bob: the seq it was stored at.
+        let seq_of = async |n: u64| {
+            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
+            o.message.seq
+        };
+        assert_eq!(seq_of(1).await, 1);
         let c = Connection::open(dir.path().join("mychat.db")).unwrap();
         let count = |text: &str| -> i64 {
             c.query_row(
@@ -2645,15 +2642,7 @@ mod tests {
             assert_eq!(count(t), 1, "{t}");
         }
         // Alice's next message takes seq 2; her refused one, sent again, is new.
-        assert_eq!(
-            store
-                .send_direct(text(alice, bob, 3))
-                .await
-                .unwrap()
-                .message
-                .seq,
-            2
-        );
+        assert_eq!(seq_of(3).await, 2);
         let again = store.send_direct(text(alice, bob, 2)).await.unwrap();
         assert_eq!((again.duplicate, again.message.seq), (false, 3));
         // Refused before writing: its batch commits.
