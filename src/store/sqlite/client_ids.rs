@@ -15,7 +15,6 @@
 //! `store.stream_merge_rows` entries and what the previous batch added); its last step moves
 //! `client_ids_upto` to the merge's start. A restart merges the messages past it (`OR
 //! IGNORE`: a step that committed before a crash already wrote some).
-
 //!
 //! A lookup that misses the map went to `client_ids`, and for a new message (almost
 //! every send) it always missed there too: one probe of a b-tree keyed by random
