@@ -34,8 +34,12 @@ use std::hash::{DefaultHasher, Hasher};
 pub(super) const FILTER_MAX_ENTRIES: usize = 16_384;
 
 /// All filters together hold at most this many 64-bit words (16 MiB); past it they are
-/// dropped and rebuilt as senders come back.
+/// dropped and rebuilt as senders come back. (Tests use a small budget, so that the
+/// store's tests drop and rebuild filters too.)
+#[cfg(not(test))]
 const FILTER_BUDGET_WORDS: usize = 2 << 20;
+#[cfg(test)]
+const FILTER_BUDGET_WORDS: usize = 256;
 
 /// Bits of the filter per entry it is sized for, and probes per lookup: about 1 %
 /// false "maybe"s when full.
@@ -399,6 +403,28 @@ mod tests {
         c.add_to_batch([(u, "one too many".to_string(), 1 << 40)]);
         assert!(c.needs_filter(u));
         assert_eq!(c.filter_words, 0);
+    }
+
+    /// Past their budget all filters are dropped at once (senders rebuild theirs at
+    /// their next lookup), and the one being set stays.
+    #[test]
+    fn filters_past_their_budget_are_dropped_together() {
+        let mut c = ClientIds::default();
+        // 200 entries: sized for 400, 4,096 bits, 64 words; four fit in the test
+        // budget of 256.
+        let stored: Vec<String> = (0..200).map(|i| format!("s{i}")).collect();
+        for u in 1..=4 {
+            c.set_filter(UserId(u), Some(stored.clone()));
+        }
+        assert_eq!(c.filter_words, 256);
+        assert!((1..=4).all(|u| !c.needs_filter(UserId(u))));
+        c.set_filter(UserId(5), Some(stored.clone()));
+        assert_eq!(c.filter_words, 64);
+        assert!((1..=4).all(|u| c.needs_filter(UserId(u))));
+        assert!(!c.needs_filter(UserId(5)) && !c.surely_not_stored(UserId(5), "s7"));
+        // Set again for the same sender: the old one's words are given back.
+        c.set_filter(UserId(5), Some(stored));
+        assert_eq!(c.filter_words, 64);
     }
 
     #[test]
