@@ -46,6 +46,15 @@ const FILTER_BUDGET_WORDS: usize = 256;
 const BITS_PER_ENTRY: usize = 10;
 const PROBES: u64 = 7;
 
+/// The hash a filter places a client message id by (its bytes, as the database holds
+/// them: a filter is built from rows without making a `String` of each).
+pub(super) fn cid_hash(cid: &[u8]) -> u64 {
+    // DefaultHasher::new() has fixed keys: the same positions every time.
+    let mut h = DefaultHasher::new();
+    h.write(cid);
+    h.finish()
+}
+
 /// One sender's Bloom filter over client message ids.
 pub(super) enum Filter {
     Bits {
@@ -73,26 +82,23 @@ impl Filter {
         }
     }
 
-    /// The bit positions of `cid` (double hashing over one 64-bit hash).
-    fn positions(cid: &str, bits: usize) -> impl Iterator<Item = usize> {
-        // DefaultHasher::new() has fixed keys: the same positions every time.
-        let mut h = DefaultHasher::new();
-        h.write(cid.as_bytes());
-        let h = h.finish();
+    /// The bit positions of a client id's [`cid_hash`] (double hashing).
+    fn positions(h: u64, bits: usize) -> impl Iterator<Item = usize> {
         let (a, b) = (h & 0xffff_ffff, (h >> 32) | 1);
         let mask = bits as u64 - 1;
         (0..PROBES).map(move |i| (a.wrapping_add(i.wrapping_mul(b)) & mask) as usize)
     }
 
-    /// Adds `cid`; false once the filter holds more than it was sized for.
-    fn add(&mut self, cid: &str) -> bool {
+    /// Adds a client id by its [`cid_hash`]; false once the filter holds more than it
+    /// was sized for.
+    fn add(&mut self, hash: u64) -> bool {
         match self {
             Filter::Bits {
                 words,
                 count,
                 capacity,
             } => {
-                for p in Self::positions(cid, words.len() * 64) {
+                for p in Self::positions(hash, words.len() * 64) {
                     words[p / 64] |= 1 << (p % 64);
                 }
                 *count += 1;
@@ -106,7 +112,8 @@ impl Filter {
     fn may_hold(&self, cid: &str) -> bool {
         match self {
             Filter::Bits { words, .. } => {
-                Self::positions(cid, words.len() * 64).all(|p| words[p / 64] & (1 << (p % 64)) != 0)
+                let h = cid_hash(cid.as_bytes());
+                Self::positions(h, words.len() * 64).all(|p| words[p / 64] & (1 << (p % 64)) != 0)
             }
             Filter::TooMany => true,
         }
@@ -229,7 +236,7 @@ impl ClientIds {
 
     fn filter_add(&mut self, u: UserId, cid: &str) {
         if let Some(f) = self.filters.get_mut(&u) {
-            if !f.add(cid) {
+            if !f.add(cid_hash(cid.as_bytes())) {
                 // Full: dropped, and rebuilt at the sender's next lookup.
                 self.filter_words -= f.words();
                 self.filters.remove(&u);
@@ -242,9 +249,10 @@ impl ClientIds {
         !self.filters.contains_key(&sender)
     }
 
-    /// Builds `sender`'s filter from its entries in `client_ids` (`None`: more than
-    /// [`FILTER_MAX_ENTRIES`]) and its entries here, which merges will write there.
-    pub fn set_filter(&mut self, sender: UserId, stored: Option<Vec<String>>) {
+    /// Builds `sender`'s filter from its entries in `client_ids`, as [`cid_hash`]es
+    /// (`None`: more than [`FILTER_MAX_ENTRIES`]), and its entries here, which merges
+    /// will write there.
+    pub fn set_filter(&mut self, sender: UserId, stored: Option<Vec<u64>>) {
         let mine = |m: &Map| m.by_sender.get(&sender).map_or(0, |x| x.len());
         let f = match stored {
             None => Filter::TooMany,
@@ -254,9 +262,10 @@ impl ClientIds {
                 let here = [&self.batch, &self.recent]
                     .into_iter()
                     .filter_map(|m| m.by_sender.get(&sender))
-                    .flat_map(|x| x.keys());
-                for c in stored.iter().chain(here) {
-                    f.add(c);
+                    .flat_map(|x| x.keys())
+                    .map(|c| cid_hash(c.as_bytes()));
+                for h in stored.into_iter().chain(here) {
+                    f.add(h);
                 }
                 f
             }
@@ -360,6 +369,10 @@ impl ClientIds {
 mod tests {
     use super::*;
 
+    fn hashes(cids: &[String]) -> Vec<u64> {
+        cids.iter().map(|c| cid_hash(c.as_bytes())).collect()
+    }
+
     /// A filter never rules out what was added (built from the stored entries and the
     /// map's, or added later), rules out most of what was not, and is dropped once it
     /// holds more than it was sized for.
@@ -372,7 +385,7 @@ mod tests {
         c.batch_committed();
         assert!(c.needs_filter(u));
         let stored: Vec<String> = (0..100).map(|i| format!("s{i}")).collect();
-        c.set_filter(u, Some(stored.clone()));
+        c.set_filter(u, Some(hashes(&stored)));
         assert!(!c.needs_filter(u));
         for cid in stored.iter().map(String::as_str).chain(["mapped"]) {
             assert!(!c.surely_not_stored(u, cid), "{cid}");
@@ -414,16 +427,16 @@ mod tests {
         // budget of 256.
         let stored: Vec<String> = (0..200).map(|i| format!("s{i}")).collect();
         for u in 1..=4 {
-            c.set_filter(UserId(u), Some(stored.clone()));
+            c.set_filter(UserId(u), Some(hashes(&stored)));
         }
         assert_eq!(c.filter_words, 256);
         assert!((1..=4).all(|u| !c.needs_filter(UserId(u))));
-        c.set_filter(UserId(5), Some(stored.clone()));
+        c.set_filter(UserId(5), Some(hashes(&stored)));
         assert_eq!(c.filter_words, 64);
         assert!((1..=4).all(|u| c.needs_filter(UserId(u))));
         assert!(!c.needs_filter(UserId(5)) && !c.surely_not_stored(UserId(5), "s7"));
         // Set again for the same sender: the old one's words are given back.
-        c.set_filter(UserId(5), Some(stored));
+        c.set_filter(UserId(5), Some(hashes(&stored)));
         assert_eq!(c.filter_words, 64);
     }
 

@@ -1238,12 +1238,22 @@ impl Writer {
     /// client_ids module).
     fn load_resend_filter(&mut self, sender: UserId) -> Result<(), StoreError> {
         let max = client_ids::FILTER_MAX_ENTRIES;
-        let stored: Vec<String> = self
+        // Hashed from the rows' bytes: no `String` per entry.
+        let stored: Vec<u64> = self
             .conn
             .prepare_cached("SELECT client_msg_id FROM client_ids WHERE sender_id=?1 LIMIT ?2")
             .and_then(|mut s| {
-                s.query_map(params![sender.0 as i64, max as i64 + 1], |r| r.get(0))?
-                    .collect()
+                s.query_map(params![sender.0 as i64, max as i64 + 1], |r| {
+                    match r.get_ref(0)? {
+                        rusqlite::types::ValueRef::Text(t) => Ok(client_ids::cid_hash(t)),
+                        v => Err(rusqlite::Error::InvalidColumnType(
+                            0,
+                            "client_msg_id".into(),
+                            v.data_type(),
+                        )),
+                    }
+                })?
+                .collect()
             })
             .map_err(internal)?;
         self.cids
