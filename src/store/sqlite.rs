@@ -3161,6 +3161,85 @@ mod tests {
         store.shutdown().await.unwrap();
     }
 
+    /// A sender with more stored entries than a filter may hold gets none: every
+    /// lookup of its sends probes the index, so its resends are still found and its
+    /// new messages stored, while a sender with few entries keeps skipping the index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_past_the_filter_bound_probes_and_still_finds_resends() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = mychat_config::StoreConfig::default();
+        let path = dir.path().canonicalize().unwrap().join("mychat.db");
+        let probes = || {
+            let all = RESEND_PROBES.lock().unwrap();
+            all.iter().filter(|p| **p == path).count()
+        };
+        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+        let alice = store
+            .create_user("alice".into(), "x".into(), 0)
+            .await
+            .unwrap()
+            .id;
+        let bob = store
+            .create_user("bob".into(), "x".into(), 0)
+            .await
+            .unwrap()
+            .id;
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            ids.push(
+                store
+                    .send_direct(text(alice, bob, n))
+                    .await
+                    .unwrap()
+                    .message
+                    .id,
+            );
+        }
+        store.shutdown().await.unwrap();
+        drop(store);
+        // Alice's entries past the bound, written straight into the table (ids of
+        // messages that do not exist: no lookup below asks for them).
+        {
+            let mut c = Connection::open(&path).unwrap();
+            let t = c.transaction().unwrap();
+            {
+                let mut ins = t
+                    .prepare("INSERT INTO client_ids(sender_id, client_msg_id, msg_id) VALUES(?1, ?2, ?3)")
+                    .unwrap();
+                for n in 0..client_ids::FILTER_MAX_ENTRIES as i64 {
+                    ins.execute(params![alice.0 as i64, format!("pad{n}"), 1_000_000 + n])
+                        .unwrap();
+                }
+            }
+            t.commit().unwrap();
+        }
+        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+        let before = probes();
+        // Bob has two entries: his filter rules his new messages out.
+        for n in 0..2 {
+            assert!(
+                !store
+                    .send_direct(text(bob, alice, n))
+                    .await
+                    .unwrap()
+                    .duplicate
+            );
+        }
+        assert_eq!(probes(), before, "bob's new messages probed the index");
+        // Alice has more than a filter holds: each send probes, and finds what it must.
+        for (n, id) in ids.iter().enumerate() {
+            let o = store.send_direct(text(alice, bob, n as u64)).await.unwrap();
+            assert_eq!((o.duplicate, o.message.id), (true, *id), "resend of {n}");
+        }
+        for n in 3..6 {
+            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
+            assert!(!o.duplicate, "new message {n} taken for a resend");
+            assert_eq!(o.message.seq, n + 3, "new message {n}");
+        }
+        assert_eq!(probes(), before + 6, "one probe per send of alice's");
+        store.shutdown().await.unwrap();
+    }
+
     /// The resend index's rows: (sender, client message id, message id), in key order.
     fn client_id_rows(c: &Connection) -> Vec<(i64, String, i64)> {
         c.prepare("SELECT sender_id, client_msg_id, msg_id FROM client_ids ORDER BY 1, 2")
