@@ -307,6 +307,7 @@ pub struct StoreConfig {
     pub mmap_mib: u32,
     pub stream_log_rows: usize,
     pub stream_merge_rows: usize,
+    pub checkpointer_nice: i32,
 }
 
 impl Default for StoreConfig {
@@ -321,6 +322,7 @@ impl Default for StoreConfig {
             mmap_mib: 1024,
             stream_log_rows: 65_536,
             stream_merge_rows: 128,
+            checkpointer_nice: 19,
         }
     }
 }
@@ -724,6 +726,7 @@ impl Config {
         range("store.mmap_mib", st.mmap_mib, 0, 1 << 20)?;
         range("store.stream_log_rows", st.stream_log_rows, 1, 1 << 24)?;
         range("store.stream_merge_rows", st.stream_merge_rows, 1, 1 << 20)?;
+        range("store.checkpointer_nice", st.checkpointer_nice, 0, 19)?;
         if self.log.level.trim().is_empty() {
             return Err(key_err("log.level", "must not be empty"));
         }

@@ -470,6 +470,7 @@ impl SqliteStore {
             finish,
             closing: closing.clone(),
             gate: gate.clone(),
+            nice: cfg.checkpointer_nice,
         };
         let checkpointer = std::thread::Builder::new()
             .name("mychat-store-checkpoint".into())
@@ -3238,6 +3239,62 @@ mod tests {
         }
         assert_eq!(probes(), before + 6, "one probe per send of alice's");
         store.shutdown().await.unwrap();
+    }
+
+    /// A store's checkpointer thread runs lowered by `store.checkpointer_nice` while
+    /// it keeps up (here, with nothing to copy), and level with the server's other
+    /// threads at 0; where raising a priority is not allowed, level either way.
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checkpointer_runs_lowered_while_it_keeps_up() {
+        fn nice_of(tid: i32) -> i32 {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+            // After the name in parentheses: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 1..];
+            rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+        }
+        let base = checkpoint::own_nice();
+        let allowed = std::thread::spawn(|| checkpoint::Priority::new(19).enabled())
+            .join()
+            .unwrap();
+        if !allowed {
+            eprintln!(
+                "notice: this process may not raise a priority: the checkpointer must stay level"
+            );
+        }
+        for (nice, want) in [(19, if allowed { 19 } else { base }), (0, base)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().canonicalize().unwrap().join("mychat.db");
+            let cfg = mychat_config::StoreConfig {
+                checkpointer_nice: nice,
+                ..Default::default()
+            };
+            let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let tid = loop {
+                let found = checkpoint::THREADS
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(p, _)| *p == path)
+                    .map(|(_, t)| *t);
+                if let Some(t) = found {
+                    break t;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no checkpointer thread"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            while nice_of(tid) != want && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Several of its loops later, still so.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(nice_of(tid), want, "checkpointer_nice {nice}");
+            store.shutdown().await.unwrap();
+        }
     }
 
     /// The resend index's rows: (sender, client message id, message id), in key order.

@@ -31,6 +31,11 @@
 //!   its pins and tells the writer it may go. The writer's pass copies and syncs only
 //!   the frames that arrived since, the WAL starts over at its next transaction, and
 //!   walbuf's sync before that finds a clean file.
+//! - **a lower priority** (`store.checkpointer_nice`): the thread's copying is
+//!   background work, about a fifth of a core under load, nearly all of it in the
+//!   kernel; lowered, it gives way to the threads a message waits on, and returns to
+//!   level when it falls behind, when a pass runs long, and while it prepares the
+//!   writer's pass ([`runs_lowered`], [`Priority`]).
 //!
 //! Durability does not rest on any of this: walbuf still syncs the database before
 //! any WAL content is overwritten, truncated or deleted; the pin and the early sync
@@ -129,6 +134,165 @@ static FAIL_SYNCS: super::walbuf::FailUnder = super::walbuf::FailUnder::new();
 pub(super) fn fail_syncs_under(dir: &std::path::Path, on: bool) {
     FAIL_SYNCS.set(dir, on);
 }
+
+/// Frames left in the WAL after a pass past which a lowered checkpointer has fallen
+/// behind and returns to the server's priority ([`runs_lowered`]).
+const BEHIND_FRAMES: i64 = 65_536;
+/// Frames left after a pass below which it has caught up and lowers itself again.
+const CAUGHT_UP_FRAMES: i64 = 16_384;
+
+/// Whether the checkpointer runs lowered (`store.checkpointer_nice`) for its next
+/// pass, given whether it runs lowered now and the frames its last pass left. Lowered,
+/// the thread gives way to the ones a message waits on (shards, writer, syncer,
+/// dispatcher); on a saturated machine it would then get almost no CPU and the WAL
+/// would grow without bound. Two guards: a lowered pass that runs longer than
+/// [`LOWERED_PASS_MAX`] returns to level at once ([`on_database_write`]), and once a
+/// pass has left more than [`BEHIND_FRAMES`] it runs level until its passes leave at
+/// most [`CAUGHT_UP_FRAMES`] (the gap keeps it from flapping).
+pub(super) fn runs_lowered(lowered: bool, left: i64) -> bool {
+    if lowered {
+        left <= BEHIND_FRAMES
+    } else {
+        left <= CAUGHT_UP_FRAMES
+    }
+}
+
+/// A lowered pass (or preparation of the writer's checkpoint) still copying after this
+/// long returns to level for the rest of it.
+const LOWERED_PASS_MAX: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// On the checkpointer's thread during a lowered pass: when it must return to
+    /// level, and to which nice value.
+    static LOWERED_PASS: std::cell::Cell<Option<(Instant, i32)>> =
+        const { std::cell::Cell::new(None) };
+    /// Set when [`on_database_write`] returned the thread to level.
+    static RETURNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Called by walbuf before each write to a database file (on any thread): during a
+/// lowered pass that has run past [`LOWERED_PASS_MAX`], returns its thread to level.
+/// SQLite's checkpoint copies page by page, so this looks in between the copies.
+pub(super) fn on_database_write() {
+    LOWERED_PASS.with(|c| {
+        if let Some((until, base)) = c.get() {
+            if Instant::now() >= until {
+                c.set(None);
+                if set_own_nice(base) {
+                    RETURNED.with(|r| r.set(true));
+                }
+            }
+        }
+    });
+}
+
+/// The calling thread's scheduling priority: its nice value at [`Priority::new`], or
+/// that plus `by` (at most 19) while lowered. Only used where returning is allowed
+/// (raising a priority needs CAP_SYS_NICE or RLIMIT_NICE): a thread lowered for good
+/// would starve on a busy machine. That is probed at `new` on a throwaway thread, which
+/// starts at the caller's priority.
+pub(super) struct Priority {
+    base: i32,
+    low: i32,
+    lowered: bool,
+    enabled: bool,
+}
+
+impl Priority {
+    pub(super) fn new(by: i32) -> Priority {
+        let base = own_nice();
+        let low = base.saturating_add(by).min(19);
+        let enabled = low > base
+            && std::thread::scope(|s| {
+                s.spawn(|| set_own_nice(low) && set_own_nice(base))
+                    .join()
+                    .unwrap_or(false)
+            });
+        Priority {
+            base,
+            low,
+            lowered: false,
+            enabled,
+        }
+    }
+
+    /// False: lowering is off (`by` 0) or returning is not allowed here.
+    pub(super) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub(super) fn lowered(&self) -> bool {
+        self.lowered
+    }
+
+    /// Runs `f` (a pass), returning to level in the middle of it if it runs long
+    /// while lowered ([`on_database_write`]).
+    pub(super) fn run<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        if !self.lowered {
+            return f();
+        }
+        RETURNED.with(|r| r.set(false));
+        LOWERED_PASS.with(|c| c.set(Some((Instant::now() + LOWERED_PASS_MAX, self.base))));
+        let out = f();
+        LOWERED_PASS.with(|c| c.set(None));
+        if RETURNED.with(|r| r.replace(false)) {
+            self.lowered = false;
+        }
+        out
+    }
+
+    /// Lowers or restores the calling thread (the one that made it).
+    pub(super) fn set(&mut self, lowered: bool) {
+        if !self.enabled || lowered == self.lowered {
+            return;
+        }
+        if set_own_nice(if lowered { self.low } else { self.base }) {
+            self.lowered = lowered;
+        } else if !lowered {
+            // Allowed at the probe, refused now (a limit changed): stay as it is.
+            self.enabled = false;
+            tracing::error!("store: the checkpointer cannot return to the server's priority");
+        }
+    }
+}
+
+/// The calling thread's nice value.
+#[cfg(target_os = "linux")]
+pub(super) fn own_nice() -> i32 {
+    // SAFETY: plain system calls on the calling thread; -1 is a valid nice value, so
+    // errno tells an error from it.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+        if n == -1 && *libc::__errno_location() != 0 {
+            0
+        } else {
+            n
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn own_nice() -> i32 {
+    0
+}
+
+/// Sets the calling thread's nice value (Linux: per thread). False: refused.
+#[cfg(target_os = "linux")]
+fn set_own_nice(n: i32) -> bool {
+    // SAFETY: a plain system call on the calling thread.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, n) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_own_nice(_: i32) -> bool {
+    false
+}
+
+/// Tests: each store's checkpointer thread (database path, thread id).
+#[cfg(test)]
+pub(super) static THREADS: std::sync::Mutex<Vec<(std::path::PathBuf, i32)>> =
+    std::sync::Mutex::new(Vec::new());
 
 /// The read transaction that keeps the WAL from starting over, on one of two
 /// connections: the next one begins before the held one ends.
@@ -235,6 +399,8 @@ pub(super) struct Checkpointer {
     pub(super) finish: Arc<Finish>,
     pub(super) closing: Arc<AtomicBool>,
     pub(super) gate: Arc<Gate>,
+    /// `store.checkpointer_nice`.
+    pub(super) nice: i32,
 }
 
 impl Checkpointer {
@@ -243,9 +409,24 @@ impl Checkpointer {
         let _ = self.finish.checkpointer.set(std::thread::current());
         super::walbuf::skipping_database_syncs();
         let mut seen = (-1i64, -1i64);
+        let mut priority = Priority::new(self.nice);
+        if self.nice > 0 && !priority.enabled() {
+            tracing::info!(
+                "store: the checkpointer runs level with the other threads \
+                 (store.checkpointer_nice needs CAP_SYS_NICE or RLIMIT_NICE to return)"
+            );
+        }
+        #[cfg(all(test, target_os = "linux"))]
+        THREADS
+            .lock()
+            .unwrap()
+            .push((self.path.clone(), unsafe { libc::gettid() }));
         while !self.closing.load(Ordering::Acquire) {
             match self.finish.get() {
                 WANTED => {
+                    // Level: what this leaves, the writer's pass copies and syncs
+                    // while every write waits.
+                    priority.set(false);
                     if let Err(e) = self.presync() {
                         self.stop(e);
                         return;
@@ -261,6 +442,7 @@ impl Checkpointer {
                 }
                 _ => {}
             }
+            priority.set(runs_lowered(priority.lowered(), seen.0 - seen.1));
             if !self.pin.held() || seen.0 > seen.1 {
                 // Frames past the last pass's copies: the pin moves to the WAL's end
                 // first, so that this pass may copy them. (A failure leaves the WAL
@@ -268,7 +450,9 @@ impl Checkpointer {
                 let _ = self.pin.advance();
             }
             // PASSIVE never blocks the writer; errors (busy) retry next round.
-            let now = pass(&self.conn).map_or(seen, |p| (p.log, p.copied));
+            let now = priority
+                .run(|| pass(&self.conn))
+                .map_or(seen, |p| (p.log, p.copied));
             let busy = now != seen;
             if now.1 != seen.1 {
                 start_writeback(&self.db);
@@ -318,5 +502,67 @@ impl Checkpointer {
         while !self.closing.load(Ordering::Acquire) {
             std::thread::park_timeout(Duration::from_millis(50));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lowered it stays lowered up to the "behind" mark; level it stays level until
+    /// under the "caught up" mark.
+    #[test]
+    fn lowered_until_behind_level_until_caught_up() {
+        assert!(runs_lowered(true, 0));
+        assert!(runs_lowered(true, BEHIND_FRAMES));
+        assert!(!runs_lowered(true, BEHIND_FRAMES + 1));
+        assert!(runs_lowered(false, 0));
+        assert!(runs_lowered(false, CAUGHT_UP_FRAMES));
+        assert!(!runs_lowered(false, CAUGHT_UP_FRAMES + 1));
+        assert!(!runs_lowered(false, BEHIND_FRAMES));
+    }
+
+    /// The thread's nice value follows `set`, and a lowered pass running past
+    /// `LOWERED_PASS_MAX` returns to level at its next database write. Where returning
+    /// is not allowed (no CAP_SYS_NICE, RLIMIT_NICE 0) nothing is ever lowered.
+    #[test]
+    fn a_priority_lowers_restores_and_returns_a_long_pass() {
+        std::thread::spawn(|| {
+            let base = own_nice();
+            let mut p = Priority::new(7);
+            let low = (base + 7).min(19);
+            if !p.enabled() {
+                eprintln!("notice: this process may not raise a priority: checked that nothing is lowered");
+                p.set(true);
+                assert_eq!((own_nice(), p.lowered()), (base, false));
+                return;
+            }
+            assert!(low > base, "the test runs at nice {base}");
+            assert_eq!(own_nice(), base);
+            p.set(true);
+            assert_eq!((own_nice(), p.lowered()), (low, true));
+            p.set(false);
+            assert_eq!((own_nice(), p.lowered()), (base, false));
+            // Outside a pass a database write changes nothing.
+            p.set(true);
+            on_database_write();
+            assert_eq!(own_nice(), low);
+            // A short pass stays lowered; a long one returns at its next write.
+            p.run(on_database_write);
+            assert_eq!((own_nice(), p.lowered()), (low, true));
+            p.run(|| {
+                on_database_write();
+                assert_eq!(own_nice(), low);
+                std::thread::sleep(LOWERED_PASS_MAX + Duration::from_millis(5));
+                on_database_write();
+                assert_eq!(own_nice(), base, "a long pass still lowered");
+            });
+            assert!(!p.lowered());
+            // The next one may be lowered again.
+            p.set(true);
+            assert_eq!(own_nice(), low);
+        })
+        .join()
+        .unwrap();
     }
 }

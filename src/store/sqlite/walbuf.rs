@@ -445,6 +445,7 @@ unsafe extern "C" fn x_write(
     unsafe {
         let wal = (*(f as *mut ShimFile)).wal;
         if wal.is_null() || amt <= 0 {
+            super::checkpoint::on_database_write();
             let (real, m) = real(f);
             return m
                 .xWrite
