@@ -2737,7 +2737,15 @@ mod tests {
 
     /// Alice and Bob in a fresh store under `dir`.
     async fn two_users(dir: &Path) -> (Arc<SqliteStore>, UserId, UserId) {
-        let store = SqliteStore::open(dir, &Default::default()).unwrap();
+        two_users_with(dir, &Default::default()).await
+    }
+
+    /// Alice and Bob in a fresh store under `dir` opened with `cfg`.
+    async fn two_users_with(
+        dir: &Path,
+        cfg: &mychat_config::StoreConfig,
+    ) -> (Arc<SqliteStore>, UserId, UserId) {
+        let store = SqliteStore::open(dir, cfg).unwrap();
         let mut ids = Vec::new();
         for name in ["alice", "bob"] {
             let u = store.create_user(name.into(), "x".into(), 0).await;
@@ -3106,21 +3114,8 @@ mod tests {
             ..Default::default()
         };
         let path = dir.path().canonicalize().unwrap().join("mychat.db");
-        let probes = || {
-            let all = RESEND_PROBES.lock().unwrap();
-            all.iter().filter(|p| **p == path).count()
-        };
-        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
-        let alice = store
-            .create_user("alice".into(), "x".into(), 0)
-            .await
-            .unwrap()
-            .id;
-        let bob = store
-            .create_user("bob".into(), "x".into(), 0)
-            .await
-            .unwrap()
-            .id;
+        let probes = || resend_probes(&path);
+        let (store, alice, bob) = two_users_with(dir.path(), &cfg).await;
         let mut ids = Vec::new();
         // 300 messages: alice's filter is built at her first and rebuilt twice.
         for n in 0..300 {
@@ -3162,6 +3157,12 @@ mod tests {
         store.shutdown().await.unwrap();
     }
 
+    /// How many times the resend index of the store at `path` was probed.
+    fn resend_probes(path: &Path) -> usize {
+        let all = RESEND_PROBES.lock().unwrap();
+        all.iter().filter(|p| *p == path).count()
+    }
+
     /// A sender with more stored entries than a filter may hold gets none: every
     /// lookup of its sends probes the index, so its resends are still found and its
     /// new messages stored, while a sender with few entries keeps skipping the index.
@@ -3170,21 +3171,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = mychat_config::StoreConfig::default();
         let path = dir.path().canonicalize().unwrap().join("mychat.db");
-        let probes = || {
-            let all = RESEND_PROBES.lock().unwrap();
-            all.iter().filter(|p| **p == path).count()
-        };
-        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
-        let alice = store
-            .create_user("alice".into(), "x".into(), 0)
-            .await
-            .unwrap()
-            .id;
-        let bob = store
-            .create_user("bob".into(), "x".into(), 0)
-            .await
-            .unwrap()
-            .id;
+        let probes = || resend_probes(&path);
+        let (store, alice, bob) = two_users_with(dir.path(), &cfg).await;
         let mut ids = Vec::new();
         for n in 0..3 {
             ids.push(
