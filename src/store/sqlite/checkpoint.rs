@@ -280,8 +280,18 @@ pub(super) fn own_nice() -> i32 {
 /// Sets the calling thread's nice value (Linux: per thread). False: refused.
 #[cfg(target_os = "linux")]
 fn set_own_nice(n: i32) -> bool {
+    #[cfg(test)]
+    if n < own_nice() && REFUSE_RAISE.with(|r| r.get()) {
+        return false;
+    }
     // SAFETY: a plain system call on the calling thread.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, n) == 0 }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: raising this thread's priority is refused, as without CAP_SYS_NICE.
+    static REFUSE_RAISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -561,6 +571,35 @@ mod tests {
             // The next one may be lowered again.
             p.set(true);
             assert_eq!(own_nice(), low);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Returning refused after the probe allowed it (a limit changed while running):
+    /// the thread stays as it is, says so, and lowers nothing any more.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_refused_return_stops_lowering() {
+        std::thread::spawn(|| {
+            let base = own_nice();
+            let mut p = Priority::new(5);
+            if !p.enabled() {
+                eprintln!("notice: this process may not raise a priority: nothing to refuse");
+                return;
+            }
+            let low = (base + 5).min(19);
+            p.set(true);
+            REFUSE_RAISE.with(|r| r.set(true));
+            p.set(false);
+            assert_eq!((own_nice(), p.lowered(), p.enabled()), (low, true, false));
+            REFUSE_RAISE.with(|r| r.set(false));
+            // Off for good: nothing is lowered or raised from here on.
+            p.set(false);
+            assert_eq!(own_nice(), low);
+            assert!(set_own_nice(base));
+            p.set(true);
+            assert_eq!(own_nice(), base);
         })
         .join()
         .unwrap();
