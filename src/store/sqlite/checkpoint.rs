@@ -157,30 +157,36 @@ pub(super) fn runs_lowered(lowered: bool, left: i64) -> bool {
     }
 }
 
-/// A lowered pass (or preparation of the writer's checkpoint) still copying after this
-/// long returns to level for the rest of it.
+/// A lowered pass still copying after this long returns to level for the rest of it.
 const LOWERED_PASS_MAX: Duration = Duration::from_millis(100);
 
+/// The checkpointer thread's watch over its current pass ([`Priority::run`]).
+#[derive(Clone, Copy)]
+enum Watch {
+    /// No lowered pass running.
+    Off,
+    /// A lowered pass is running: at this instant it returns to this nice value.
+    Until(Instant, i32),
+    /// The running pass has returned to level.
+    Returned,
+}
+
 thread_local! {
-    /// On the checkpointer's thread during a lowered pass: when it must return to
-    /// level, and to which nice value.
-    static LOWERED_PASS: std::cell::Cell<Option<(Instant, i32)>> =
-        const { std::cell::Cell::new(None) };
-    /// Set when [`on_database_write`] returned the thread to level.
-    static RETURNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static WATCH: std::cell::Cell<Watch> = const { std::cell::Cell::new(Watch::Off) };
 }
 
 /// Called by walbuf before each write to a database file (on any thread): during a
 /// lowered pass that has run past [`LOWERED_PASS_MAX`], returns its thread to level.
 /// SQLite's checkpoint copies page by page, so this looks in between the copies.
 pub(super) fn on_database_write() {
-    LOWERED_PASS.with(|c| {
-        if let Some((until, base)) = c.get() {
+    WATCH.with(|w| {
+        if let Watch::Until(until, base) = w.get() {
             if Instant::now() >= until {
-                c.set(None);
-                if set_own_nice(base) {
-                    RETURNED.with(|r| r.set(true));
-                }
+                w.set(if set_own_nice(base) {
+                    Watch::Returned
+                } else {
+                    Watch::Off
+                });
             }
         }
     });
@@ -231,11 +237,9 @@ impl Priority {
         if !self.lowered {
             return f();
         }
-        RETURNED.with(|r| r.set(false));
-        LOWERED_PASS.with(|c| c.set(Some((Instant::now() + LOWERED_PASS_MAX, self.base))));
+        WATCH.with(|w| w.set(Watch::Until(Instant::now() + LOWERED_PASS_MAX, self.base)));
         let out = f();
-        LOWERED_PASS.with(|c| c.set(None));
-        if RETURNED.with(|r| r.replace(false)) {
+        if matches!(WATCH.with(|w| w.replace(Watch::Off)), Watch::Returned) {
             self.lowered = false;
         }
         out
