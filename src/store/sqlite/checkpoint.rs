@@ -208,11 +208,17 @@ impl Priority {
     pub(super) fn new(by: i32) -> Priority {
         let base = own_nice();
         let low = base.saturating_add(by).min(19);
+        #[cfg(test)]
+        let refuse = REFUSE_RAISE.with(|r| r.get());
         let enabled = low > base
             && std::thread::scope(|s| {
-                s.spawn(|| set_own_nice(low) && set_own_nice(base))
-                    .join()
-                    .unwrap_or(false)
+                s.spawn(|| {
+                    #[cfg(test)]
+                    REFUSE_RAISE.with(|r| r.set(refuse));
+                    set_own_nice(low) && set_own_nice(base)
+                })
+                .join()
+                .unwrap_or(false)
             });
         Priority {
             base,
@@ -575,6 +581,26 @@ mod tests {
             // The next one may be lowered again.
             p.set(true);
             assert_eq!(own_nice(), low);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Where raising a priority is refused (no CAP_SYS_NICE, RLIMIT_NICE 0: any
+    /// unprivileged server) the probe says so and nothing is ever lowered, so the
+    /// thread cannot be stranded at a low priority.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn without_the_right_to_return_nothing_is_lowered() {
+        std::thread::spawn(|| {
+            let base = own_nice();
+            REFUSE_RAISE.with(|r| r.set(true));
+            let mut p = Priority::new(5);
+            assert!(!p.enabled());
+            p.set(true);
+            assert_eq!((own_nice(), p.lowered()), (base, false));
+            p.run(on_database_write);
+            assert_eq!(own_nice(), base);
         })
         .join()
         .unwrap();
