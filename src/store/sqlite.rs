@@ -3163,16 +3163,13 @@ mod tests {
         all.iter().filter(|p| *p == path).count()
     }
 
-    /// A sender with more stored entries than a filter may hold gets none: every
-    /// lookup of its sends probes the index, so its resends are still found and its
-    /// new messages stored, while a sender with few entries keeps skipping the index.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_sender_past_the_filter_bound_probes_and_still_finds_resends() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = mychat_config::StoreConfig::default();
-        let path = dir.path().canonicalize().unwrap().join("mychat.db");
-        let probes = || resend_probes(&path);
-        let (store, alice, bob) = two_users_with(dir.path(), &cfg).await;
+    /// Alice and Bob of [`two_users_with`], Alice's first three messages to Bob (their
+    /// ids), and the store shut down.
+    async fn three_sent_and_stopped(
+        dir: &Path,
+        cfg: &mychat_config::StoreConfig,
+    ) -> (UserId, UserId, Vec<u64>) {
+        let (store, alice, bob) = two_users_with(dir, cfg).await;
         let mut ids = Vec::new();
         for n in 0..3 {
             ids.push(
@@ -3185,7 +3182,60 @@ mod tests {
             );
         }
         store.shutdown().await.unwrap();
-        drop(store);
+        (alice, bob, ids)
+    }
+
+    /// On the store reopened after [`three_sent_and_stopped`]: Bob's new messages are
+    /// ruled out by his filter (no probe); each send of Alice's probes the index and
+    /// finds what it must (her three resends, then new messages with the next seqs).
+    async fn alice_probes_and_bob_does_not(
+        store: &Arc<SqliteStore>,
+        alice: UserId,
+        bob: UserId,
+        ids: &[u64],
+        path: &Path,
+    ) {
+        let before = resend_probes(path);
+        for n in 0..2 {
+            assert!(
+                !store
+                    .send_direct(text(bob, alice, n))
+                    .await
+                    .unwrap()
+                    .duplicate
+            );
+        }
+        assert_eq!(
+            resend_probes(path),
+            before,
+            "bob's new messages probed the index"
+        );
+        for (n, id) in ids.iter().enumerate() {
+            let o = store.send_direct(text(alice, bob, n as u64)).await.unwrap();
+            assert_eq!((o.duplicate, o.message.id), (true, *id), "resend of {n}");
+        }
+        for n in 3..6 {
+            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
+            assert!(!o.duplicate, "new message {n} taken for a resend");
+            assert_eq!(o.message.seq, n + 3, "new message {n}");
+        }
+        assert_eq!(
+            resend_probes(path),
+            before + 6,
+            "one probe per send of alice's"
+        );
+        store.shutdown().await.unwrap();
+    }
+
+    /// A sender with more stored entries than a filter may hold gets none: every
+    /// lookup of its sends probes the index, so its resends are still found and its
+    /// new messages stored, while a sender with few entries keeps skipping the index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_past_the_filter_bound_probes_and_still_finds_resends() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = mychat_config::StoreConfig::default();
+        let path = dir.path().canonicalize().unwrap().join("mychat.db");
+        let (alice, bob, ids) = three_sent_and_stopped(dir.path(), &cfg).await;
         // Alice's entries past the bound, written straight into the table (ids of
         // messages that do not exist: no lookup below asks for them).
         {
@@ -3203,30 +3253,28 @@ mod tests {
             t.commit().unwrap();
         }
         let store = SqliteStore::open(dir.path(), &cfg).unwrap();
-        let before = probes();
-        // Bob has two entries: his filter rules his new messages out.
-        for n in 0..2 {
-            assert!(
-                !store
-                    .send_direct(text(bob, alice, n))
-                    .await
-                    .unwrap()
-                    .duplicate
-            );
-        }
-        assert_eq!(probes(), before, "bob's new messages probed the index");
-        // Alice has more than a filter holds: each send probes, and finds what it must.
-        for (n, id) in ids.iter().enumerate() {
-            let o = store.send_direct(text(alice, bob, n as u64)).await.unwrap();
-            assert_eq!((o.duplicate, o.message.id), (true, *id), "resend of {n}");
-        }
-        for n in 3..6 {
-            let o = store.send_direct(text(alice, bob, n)).await.unwrap();
-            assert!(!o.duplicate, "new message {n} taken for a resend");
-            assert_eq!(o.message.seq, n + 3, "new message {n}");
-        }
-        assert_eq!(probes(), before + 6, "one probe per send of alice's");
-        store.shutdown().await.unwrap();
+        alice_probes_and_bob_does_not(&store, alice, bob, &ids, &path).await;
+    }
+
+    /// A sender whose resend entries cannot be read (here a row that is not text, as
+    /// a damaged file could hold) gets no filter: each of its sends probes the index
+    /// and goes on (before, each was refused with INTERNAL until a restart), its
+    /// resends are found and its new messages stored; another sender keeps its filter.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sender_whose_resend_entries_cannot_be_read_probes_and_still_sends() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = mychat_config::StoreConfig::default();
+        let path = dir.path().canonicalize().unwrap().join("mychat.db");
+        let (alice, bob, ids) = three_sent_and_stopped(dir.path(), &cfg).await;
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO client_ids(sender_id, client_msg_id, msg_id) VALUES(?1, X'01', 1000000)",
+                [alice.0 as i64],
+            )
+            .unwrap();
+        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+        alice_probes_and_bob_does_not(&store, alice, bob, &ids, &path).await;
     }
 
     /// A store's checkpointer thread runs lowered by `store.checkpointer_nice` while

@@ -64,7 +64,8 @@ pub(super) enum Filter {
         count: usize,
         capacity: usize,
     },
-    /// More than [`FILTER_MAX_ENTRIES`]: no filter.
+    /// More than [`FILTER_MAX_ENTRIES`], or entries that could not be read: no filter
+    /// (every lookup probes the index).
     TooMany,
 }
 
@@ -250,8 +251,8 @@ impl ClientIds {
     }
 
     /// Builds `sender`'s filter from its entries in `client_ids`, as [`cid_hash`]es
-    /// (`None`: more than [`FILTER_MAX_ENTRIES`]), and its entries here, which merges
-    /// will write there.
+    /// (`None`: more than [`FILTER_MAX_ENTRIES`], or they could not be read), and its
+    /// entries here, which merges will write there.
     pub fn set_filter(&mut self, sender: UserId, stored: Option<Vec<u64>>) {
         let mine = |m: &Map| m.by_sender.get(&sender).map_or(0, |x| x.len());
         let f = match stored {

@@ -1206,7 +1206,7 @@ impl Writer {
         cid: &str,
     ) -> Result<Option<Message>, StoreError> {
         if self.cids.needs_filter(sender) {
-            self.load_resend_filter(sender)?;
+            self.load_resend_filter(sender);
         }
         let id = match self.cids.get(sender, cid) {
             Some(id) => Some(id as i64),
@@ -1235,11 +1235,14 @@ impl Writer {
     }
 
     /// Builds `sender`'s resend filter from its entries in `client_ids` (the
-    /// client_ids module).
-    fn load_resend_filter(&mut self, sender: UserId) -> Result<(), StoreError> {
+    /// client_ids module). Entries that cannot be read (an I/O error, a row that is
+    /// not text) leave the sender without a filter, as past the bound: every lookup
+    /// of theirs then probes the index, which is what decides, and the send goes on.
+    /// Refusing it instead refused every send of that sender until a restart.
+    fn load_resend_filter(&mut self, sender: UserId) {
         let max = client_ids::FILTER_MAX_ENTRIES;
         // Hashed from the rows' bytes: no `String` per entry.
-        let stored: Vec<u64> = self
+        let stored: Result<Vec<u64>, rusqlite::Error> = self
             .conn
             .prepare_cached("SELECT client_msg_id FROM client_ids WHERE sender_id=?1 LIMIT ?2")
             .and_then(|mut s| {
@@ -1254,11 +1257,15 @@ impl Writer {
                     }
                 })?
                 .collect()
-            })
-            .map_err(internal)?;
-        self.cids
-            .set_filter(sender, (stored.len() <= max).then_some(stored));
-        Ok(())
+            });
+        let filter = match stored {
+            Ok(stored) => (stored.len() <= max).then_some(stored),
+            Err(e) => {
+                tracing::warn!(error = %e, user = sender.0, "store: cannot read a sender's resend entries; its sends probe the index");
+                None
+            }
+        };
+        self.cids.set_filter(sender, filter);
     }
 
     fn visible(&mut self, user: UserId, m: &Message) -> Result<bool, StoreError> {
