@@ -75,10 +75,18 @@ async fn streams(store: &dyn Store, users: &[UserId]) -> Vec<String> {
         ] {
             out.push(shown(&store.sync(u, since, limit).await.unwrap()));
         }
-        out.push(format!(
-            "snapshot pts {}",
-            store.unread_snapshot(u, 100, 100).await.unwrap().pts
-        ));
+        let snapshot = store.unread_snapshot(u, 100, 100).await.unwrap();
+        let unread: Vec<u64> = snapshot.messages.iter().map(|m| m.id).collect();
+        out.push(format!("snapshot pts {} unread {unread:?}", snapshot.pts));
+        // Read marks, one's own and the peer's (sends imply them: the marks module).
+        let (convs, more) = store.conversations(u, 0, 1000).await.unwrap();
+        assert!(!more);
+        for c in convs {
+            out.push(format!(
+                "conversation {:?} last {} read {} peer read {}",
+                c.conv.id, c.last_seq, c.read_seq, c.peer_read_seq
+            ));
+        }
     }
     out
 }
@@ -86,8 +94,9 @@ async fn streams(store: &dyn Store, users: &[UserId]) -> Vec<String> {
 /// The same writes go to a store that merges every few events and to one that never
 /// merges while running; after every few writes, and after both restart, every stream
 /// reads the same from both (messages, read receipts, friend events with their text,
-/// messages deleted for one user), and resends find their originals (the resend index
-/// is merged the same way).
+/// messages deleted for one user), and so do the read marks (those sends imply are
+/// written to `members` the same way) and what is unread; resends find their
+/// originals (the resend index is merged the same way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_and_logged_streams_read_alike() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
@@ -463,4 +472,161 @@ async fn a_failed_log_trim_loses_nothing_and_is_tried_again() {
     t.repair_until(|t| t.count("SELECT COUNT(*) FROM updates_log WHERE id <= ?1", [kept]) == 0)
         .await;
     t.whole_stream_now_and_after_restart(dir.path()).await;
+}
+
+/// `user`'s (read mark, peer's read mark) in `conv` as `conversations` shows them.
+async fn marks_in(store: &dyn Store, user: UserId, conv: ConvId) -> (u64, u64) {
+    let (convs, _) = store.conversations(user, 0, 100).await.unwrap();
+    let c = convs
+        .iter()
+        .find(|c| c.conv.id == conv)
+        .expect("the conversation");
+    (c.read_seq, c.peer_read_seq)
+}
+
+/// Read marks that sends imply reach `members` in flushes (here once 4 are held, in
+/// steps of 2) and never move a mark back: alice's explicit read past her own last
+/// message survives the flush of her older implied mark. Readers see every mark
+/// before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_marks_reach_members_in_flushes_and_never_move_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    let alice = user(store.as_ref(), "alice").await;
+    let bob = user(store.as_ref(), "bob").await;
+    let mut others = Vec::new();
+    for i in 0..6 {
+        others.push(user(store.as_ref(), &format!("o{i}")).await);
+    }
+    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
+    let upto = || -> u64 {
+        db.query_row(
+            "SELECT value FROM meta WHERE key = 'read_marks_upto'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+    };
+    let stored = |u: UserId, conv: ConvId| -> u64 {
+        db.query_row(
+            "SELECT read_seq FROM members WHERE user_id = ?1 AND conv_id = ?2",
+            [u.0 as i64, conv.0 as i64],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+    };
+    let first = store
+        .send_direct(text(alice, bob, 0))
+        .await
+        .unwrap()
+        .message;
+    let conv = ConvId(first.conversation_id);
+    let mut last = first.id;
+    for n in 1..3 {
+        last = store
+            .send_direct(text(bob, alice, n))
+            .await
+            .unwrap()
+            .message
+            .id;
+    }
+    assert_eq!(marks_in(store.as_ref(), alice, conv).await, (1, 3));
+    // Bob's sends read the conversation up to 3: an older mark is no move.
+    assert_eq!(store.mark_read(bob, conv, 2, None).await.unwrap(), 3);
+    assert_eq!(store.mark_read(alice, conv, 3, None).await.unwrap(), 3);
+    assert_eq!(marks_in(store.as_ref(), bob, conv).await, (3, 3));
+    // Others write until a flush has taken every mark held so far.
+    let mut n = 10;
+    while upto() < last {
+        assert!(n < 10_000, "no flush ended");
+        let (a, b) = (others[n % 6], others[(n + 1) % 6]);
+        store.send_direct(text(a, b, n as u64)).await.unwrap();
+        n += 1;
+    }
+    assert_eq!(
+        (stored(alice, conv), stored(bob, conv)),
+        (3, 3),
+        "members after the flush"
+    );
+    assert_eq!(marks_in(store.as_ref(), alice, conv).await, (3, 3));
+    assert_eq!(marks_in(store.as_ref(), bob, conv).await, (3, 3));
+    // Each of the others' marks is its last message in each conversation.
+    for (i, &o) in others.iter().enumerate() {
+        let (convs, _) = store.conversations(o, 0, 100).await.unwrap();
+        for c in convs {
+            let peer = c.conv.peer_of(o);
+            let sent_last = |who: UserId| {
+                // o_i writes to o_{i+1}: in each conversation the one who wrote last
+                // has read all of it.
+                let writer = c.last_message.as_ref().unwrap().sender_id;
+                (writer == who.0).then_some(c.last_seq)
+            };
+            if let Some(seq) = sent_last(o) {
+                assert_eq!(c.read_seq, seq, "o{i}'s own mark");
+            }
+            if let Some(seq) = sent_last(peer) {
+                assert_eq!(c.peer_read_seq, seq, "o{i}'s peer's mark");
+            }
+        }
+    }
+    store.shutdown().await.unwrap();
+}
+
+/// After a crash (the files copied while the store runs, as a power cut would leave
+/// them) the read marks not yet in `members` come back at the next open from the
+/// messages themselves: each sender's newest in each one-to-one conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_marks_come_back_from_the_messages_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), &config(1 << 20, 1 << 20)).unwrap();
+    let alice = user(store.as_ref(), "alice").await;
+    let bob = user(store.as_ref(), "bob").await;
+    let carol = user(store.as_ref(), "carol").await;
+    let mut conv = ConvId(0);
+    for (n, (a, b)) in [(alice, bob), (alice, bob), (bob, alice), (alice, bob)]
+        .into_iter()
+        .enumerate()
+    {
+        conv = ConvId(
+            store
+                .send_direct(text(a, b, n as u64))
+                .await
+                .unwrap()
+                .message
+                .conversation_id,
+        );
+    }
+    let other = ConvId(
+        store
+            .send_direct(text(carol, alice, 9))
+            .await
+            .unwrap()
+            .message
+            .conversation_id,
+    );
+    assert_eq!(marks_in(store.as_ref(), alice, conv).await, (4, 3));
+    let copy = tempfile::tempdir().unwrap();
+    for f in ["mychat.db", "mychat.db-wal", "token.key"] {
+        let from = dir.path().join(f);
+        if from.exists() {
+            std::fs::copy(&from, copy.path().join(f)).unwrap();
+        }
+    }
+    let crashed = SqliteStore::open(copy.path(), &config(1 << 20, 1 << 20)).unwrap();
+    assert_eq!(marks_in(crashed.as_ref(), alice, conv).await, (4, 3));
+    assert_eq!(marks_in(crashed.as_ref(), bob, conv).await, (3, 4));
+    assert_eq!(marks_in(crashed.as_ref(), alice, other).await, (0, 1));
+    let db = rusqlite::Connection::open(copy.path().join("mychat.db")).unwrap();
+    let stored: Vec<(i64, i64, i64)> = db
+        .prepare("SELECT user_id, conv_id, read_seq FROM members ORDER BY user_id, conv_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let (a, b, c) = (alice.0 as i64, bob.0 as i64, carol.0 as i64);
+    let (cv, ot) = (conv.0 as i64, other.0 as i64);
+    assert_eq!(stored, vec![(a, cv, 4), (a, ot, 0), (b, cv, 3), (c, ot, 1)]);
+    crashed.shutdown().await.unwrap();
+    store.shutdown().await.unwrap();
 }

@@ -39,7 +39,9 @@
 //! - users' update-stream events go to an append-only log table and an in-memory copy
 //!   of it, and are merged into the per-user index many at a time, a step inside
 //!   each write batch's transaction while a merge runs (the `recent` module says why
-//!   and how readers stay exact; `Writer::merge_in_batch` why inside the batch);
+//!   and how readers stay exact; `Writer::merge_in_batch` why inside the batch); the
+//!   read marks one-to-one sends imply are held in memory and flushed into `members`
+//!   the same way (the `marks` module);
 //! - reads run on the caller runtime's blocking pool with a pooled read-only connection
 //!   (WAL: readers never wait for the writer and see every committed write);
 //! - a checkpointer thread runs PASSIVE WAL checkpoints, back to back while frames
@@ -69,6 +71,7 @@ use tokio::sync::oneshot;
 mod checkpoint;
 mod client_ids;
 mod durable;
+mod marks;
 pub mod pcache;
 mod recent;
 mod social;
@@ -256,6 +259,12 @@ DROP INDEX messages_client;
 INSERT OR REPLACE INTO meta(key, value)
     VALUES('client_ids_upto', (SELECT COALESCE(MAX(id), 0) FROM messages));
 "#,
+    r#"
+-- 6: the read marks one-to-one sends imply are written many at a time (see the marks
+-- module); those of messages past read_marks_upto may not be in members yet.
+INSERT OR REPLACE INTO meta(key, value)
+    VALUES('read_marks_upto', (SELECT COALESCE(MAX(id), 0) FROM messages));
+"#,
 ];
 
 const UPDATE_MESSAGE: i64 = 1;
@@ -326,6 +335,8 @@ pub struct SqliteStore {
     publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
     /// Stream events logged and committed but not merged into `updates` yet.
     recent: Arc<parking_lot::RwLock<recent::Recent>>,
+    /// Read marks implied by one-to-one sends, not in `members` yet.
+    marks: Arc<parking_lot::RwLock<marks::Marks>>,
     /// Which commits are durable (reads wait for what they may have seen).
     gate: Arc<durable::Gate>,
 }
@@ -442,6 +453,8 @@ impl SqliteStore {
             Arc::new(parking_lot::RwLock::new(None));
         let recent = Arc::new(parking_lot::RwLock::new(recent::Recent::default()));
         let wrecent = recent.clone();
+        let marks = Arc::new(parking_lot::RwLock::new(marks::Marks::default()));
+        let wmarks = marks.clone();
         let wcfg = cfg.clone();
         // The hand-over of the writer's finishing checkpoint (see the checkpoint module).
         let finish = Arc::new(checkpoint::Finish::default());
@@ -456,7 +469,8 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("mychat-store-writer".into())
             .spawn(move || {
-                Writer::new(w, wrecent, &wcfg, wgate, committed).run(wrx, max_batch, wfinish);
+                Writer::new(w, wrecent, wmarks, &wcfg, wgate, committed)
+                    .run(wrx, max_batch, wfinish);
                 // The writer is gone, and with it the syncer's queue: everything
                 // committed is answered before the store reports stopped.
                 let _ = syncer.join();
@@ -485,6 +499,7 @@ impl SqliteStore {
             path,
             publisher,
             recent,
+            marks,
             gate,
         }))
     }
@@ -609,12 +624,15 @@ fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
     Ok(c)
 }
 
-/// Moves every event of the stream log into `updates` and empties the log, and every
-/// resend entry of the messages past `client_ids_upto` into `client_ids`, in one
-/// transaction. A merge step that committed before a crash left rows in both places:
-/// `OR IGNORE` keeps the copy already there (the same row).
+/// Moves every event of the stream log into `updates` and empties the log, every
+/// resend entry of the messages past `client_ids_upto` into `client_ids`, and the read
+/// marks of the one-to-one messages past `read_marks_upto` (each sender's newest there
+/// per conversation, the marks module) into `members`, in one transaction. A merge
+/// step that committed before a crash left rows in both places: `OR IGNORE` keeps the
+/// copy already there (the same row), and a mark only moves forward.
 fn merge_all(c: &Connection) -> Result<(), StoreError> {
-    c.execute_batch(
+    const SYSTEM: i32 = mychat_proto::MessageKind::System as i32;
+    c.execute_batch(&format!(
         "BEGIN IMMEDIATE;
          INSERT OR IGNORE INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor, data)
              SELECT user_id, pts, kind, conv_id, seq, msg_id, actor, data FROM updates_log
@@ -626,8 +644,17 @@ fn merge_all(c: &Connection) -> Result<(), StoreError> {
              ORDER BY sender_id, client_msg_id;
          UPDATE meta SET value = (SELECT COALESCE(MAX(id), 0) FROM messages)
              WHERE key = 'client_ids_upto';
+         UPDATE members SET read_seq = x.seq FROM (
+             SELECT m.sender_id AS u, m.conv_id AS c, MAX(m.seq) AS seq FROM messages m
+             JOIN conversations cv ON cv.id = m.conv_id AND cv.group_id = 0
+             WHERE m.id > (SELECT value FROM meta WHERE key = 'read_marks_upto')
+                 AND m.kind != {SYSTEM}
+             GROUP BY m.sender_id, m.conv_id) AS x
+             WHERE members.user_id = x.u AND members.conv_id = x.c AND members.read_seq < x.seq;
+         UPDATE meta SET value = (SELECT COALESCE(MAX(id), 0) FROM messages)
+             WHERE key = 'read_marks_upto';
          COMMIT;",
-    )
+    ))
     .map_err(|e| {
         let _ = c.execute_batch("ROLLBACK");
         internal(e)
@@ -733,6 +760,7 @@ struct MergeWork {
     /// The log trim reached its end.
     trimmed: bool,
     cids: Option<client_ids::Step>,
+    marks: Option<marks::Step>,
 }
 
 /// A stream merge step written: the merge's start, the users it moved, and where the
@@ -794,6 +822,17 @@ struct Writer {
     /// largest left, reusing deleted ones once the log is empty; a merge compares ids
     /// with its start, so they must only grow.
     next_log_id: i64,
+    /// Read marks implied by one-to-one sends, not in `members` yet (the marks module).
+    marks: Arc<parking_lot::RwLock<marks::Marks>>,
+    /// Marks of the released writes of the batch being built, and the newest message
+    /// among them.
+    batch_marks: Vec<(UserId, ConvId, u64)>,
+    batch_marks_newest: u64,
+    /// The newest message whose mark a committed batch put in `marks`.
+    marks_newest: u64,
+    /// The flush of `marks` under way, and the marks committed since its last step.
+    marks_flush: Option<marks::Flush>,
+    marks_since_step: usize,
 }
 
 /// One row of the `updates` table, minus its user, pts and text.
@@ -816,6 +855,9 @@ struct CacheDelta {
     updates: Vec<(UserId, recent::Entry)>,
     /// Resend index entries of the messages the write stored.
     cids: Vec<client_ids::Entry>,
+    /// Read marks its sends imply (sender, conversation, seq), and the newest message.
+    marks: Vec<(UserId, ConvId, u64)>,
+    marks_newest: u64,
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -826,6 +868,7 @@ impl Writer {
     fn new(
         conn: Connection,
         recent: Arc<parking_lot::RwLock<recent::Recent>>,
+        marks: Arc<parking_lot::RwLock<marks::Marks>>,
         cfg: &mychat_config::StoreConfig,
         gate: Arc<durable::Gate>,
         committed: crossbeam_channel::Sender<durable::Committed>,
@@ -862,6 +905,12 @@ impl Writer {
             groups_dirty: Vec::new(),
             publications: Vec::new(),
             poisoned: false,
+            marks,
+            batch_marks: Vec::new(),
+            batch_marks_newest: 0,
+            marks_newest: 0,
+            marks_flush: None,
+            marks_since_step: 0,
         }
     }
 
@@ -961,7 +1010,10 @@ impl Writer {
         // database file.
         let _ = self.conn.execute_batch("PRAGMA temp_store=DEFAULT");
         match merge_all(&self.conn) {
-            Ok(()) => self.recent.write().clear(),
+            Ok(()) => {
+                self.recent.write().clear();
+                self.marks.write().clear();
+            }
             Err(e) => tracing::error!(error = %e, "store: cannot merge the stream log"),
         }
         let _ = self
@@ -995,6 +1047,8 @@ impl Writer {
         self.pairs_pending.clear();
         self.batch_updates.clear();
         self.cids.batch_failed();
+        self.batch_marks.clear();
+        self.batch_marks_newest = 0;
         self.poisoned = false;
         for op in batch.drain(..) {
             let WriteOp::Job(job, undo) = op else {
@@ -1019,6 +1073,8 @@ impl Writer {
                 self.batch_pts.extend(delta.pts);
                 self.batch_updates.extend(delta.updates);
                 self.cids.add_to_batch(delta.cids);
+                self.batch_marks.extend(delta.marks);
+                self.batch_marks_newest = self.batch_marks_newest.max(delta.marks_newest);
                 if let Some(c) = delta.pair {
                     self.pairs_pending.insert((c.user_a, c.user_b), c);
                 }
@@ -1052,6 +1108,13 @@ impl Writer {
         } else {
             self.merge_in_batch()
         };
+        // Before the COMMIT, so that no snapshot holds a message whose mark is neither
+        // here nor in `members` (the marks module says how readers stay exact).
+        let marks_before = if self.poisoned || self.batch_marks.is_empty() {
+            Vec::new()
+        } else {
+            self.marks.write().add(&self.batch_marks)
+        };
         let commit = self.gate.begin_commit();
         // The WAL's sync is left to the syncer thread (the durable module says why).
         let committed = if self.poisoned {
@@ -1062,6 +1125,8 @@ impl Writer {
         };
         match committed {
             Ok(()) => {
+                self.marks_newest = self.marks_newest.max(self.batch_marks_newest);
+                self.marks_since_step += self.batch_marks.len();
                 self.merges_committed(merges);
                 if self.last_pts.len() > CACHE_MAX
                     || self.last_seq.len() > CACHE_MAX
@@ -1096,6 +1161,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "store: commit failed; the batch is refused");
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.marks.write().undo(marks_before);
                 let stopped = walbuf::wal_kept(&self.db);
                 if stopped {
                     // A sync failed (walbuf's, before the WAL would start over): from
@@ -1376,6 +1442,7 @@ impl Writer {
         if self.merge_paused() {
             self.logged_since_step = 0;
             self.cids_since_step = 0;
+            self.marks_since_step = 0;
             return work;
         }
         let rows = self.stream_merge_rows.max(self.logged_since_step);
@@ -1457,6 +1524,33 @@ impl Writer {
             } else {
                 // What this step held is still in the map: a later merge takes it.
                 self.cids.merge_failed();
+                return work;
+            }
+        }
+        let rows = self.stream_merge_rows.max(self.marks_since_step);
+        self.marks_since_step = 0;
+        if self.marks_flush.is_none() && self.marks.read().len() >= self.stream_log_rows {
+            self.marks_flush = Some(self.marks.read().start_flush(self.marks_newest));
+        }
+        if let Some(f) = &self.marks_flush {
+            let step = self.marks.read().next_step(f, rows);
+            let upto = f.upto;
+            let written = self.merge_savepoint("read marks", |c| {
+                let mut up = c.prepare_cached(
+                    "UPDATE members SET read_seq = MAX(read_seq, ?3) WHERE user_id=?1 AND conv_id=?2",
+                )?;
+                for ((u, conv), seq) in &step.marks {
+                    up.execute(params![u.0 as i64, conv.0 as i64, *seq as i64])?;
+                }
+                if step.last {
+                    c.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'read_marks_upto'")?
+                        .execute([upto as i64])?;
+                }
+                Ok(0)
+            });
+            // A failed step is taken again (its marks are still held).
+            if written.is_some() {
+                work.marks = Some(step);
             }
         }
         work
@@ -1480,6 +1574,11 @@ impl Writer {
         }
         if let Some(step) = work.cids {
             self.cids.step_committed(&step);
+        }
+        if let (Some(step), Some(f)) = (work.marks, self.marks_flush.as_mut()) {
+            if self.marks.write().step_committed(f, step) {
+                self.marks_flush = None;
+            }
         }
     }
 
@@ -1626,17 +1725,10 @@ impl Writer {
         };
         let sender_pts = self.push_update(i.sender, msg_event, "", d)?;
         let recipient_pts = self.push_update(i.recipient, msg_event, "", d)?;
-        // Sending implies having read the conversation up to one's own message.
-        self.conn
-            .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
-            .and_then(|mut s| {
-                s.execute(params![
-                    i.sender.0 as i64,
-                    conv.id.0 as i64,
-                    message.seq as i64
-                ])
-            })
-            .map_err(internal)?;
+        // Sending implies having read the conversation up to one's own message: the
+        // mark goes to `members` later, with many others (the marks module).
+        d.marks.push((i.sender, conv.id, message.seq));
+        d.marks_newest = d.marks_newest.max(message.id);
         self.publications.push(Publication::Direct {
             message: message.clone(),
             sender_pts,
@@ -1648,6 +1740,21 @@ impl Writer {
             sender_pts,
             duplicate: false,
         })
+    }
+
+    /// The read mark `user`'s sends imply in `conv` and `members` may not hold yet
+    /// (0: none): this write's, its batch's, or one committed (the marks module).
+    fn pending_mark(&self, user: UserId, conv: ConvId, d: &CacheDelta) -> u64 {
+        let mine = |m: &[(UserId, ConvId, u64)]| {
+            m.iter()
+                .filter(|(u, c, _)| (*u, *c) == (user, conv))
+                .map(|x| x.2)
+                .max()
+        };
+        mine(&d.marks)
+            .or_else(|| mine(&self.batch_marks))
+            .or_else(|| self.marks.read().get(user, conv))
+            .unwrap_or(0)
     }
 
     fn conv(&mut self, conv: ConvId) -> Result<ConvRecord, StoreError> {
@@ -1678,10 +1785,11 @@ impl Writer {
             })
             .map_err(internal)?
             .ok_or(StoreError::NotFound)?;
+        let current = (current as u64).max(self.pending_mark(user, conv, d));
         let last = self.seq_of(conv)?;
         let target = seq.min(last);
-        if target <= current as u64 {
-            return Ok(current as u64);
+        if target <= current {
+            return Ok(current);
         }
         self.conn
             .prepare_cached("UPDATE members SET read_seq=?3 WHERE user_id=?1 AND conv_id=?2")
@@ -1996,7 +2104,8 @@ impl Store for SqliteStore {
         max_convs: u32,
         per_conv: u32,
     ) -> StoreFut<UnreadSnapshot> {
-        self.read(move |c| {
+        let marks = self.marks.clone();
+        self.read(move |c| marks::read_with(&marks, |view| {
             // One read transaction: the pts and the messages are one snapshot.
             c.execute_batch("BEGIN").map_err(read_err)?;
             let r = (|| {
@@ -2024,12 +2133,20 @@ impl Store for SqliteStore {
                         .query_map([user.0 as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<i64>>(2)?.unwrap_or(0))))
                         .map_err(read_err)?;
                     for row in rows {
-                        let row = row.map_err(read_err)?;
-                        if row.2 > row.1 {
-                            convs.push(row);
-                        }
+                        convs.push(row.map_err(read_err)?);
                     }
                 }
+                // With the marks sends imply (the marks module).
+                let mut unread = Vec::with_capacity(convs.len());
+                for (conv, read, last) in convs {
+                    let read = view
+                        .mark(c, user, ConvId(conv as u64), read as u64, last as u64)
+                        .map_err(read_err)? as i64;
+                    if last > read {
+                        unread.push((conv, read, last));
+                    }
+                }
+                let convs = unread;
                 // Most recent activity first (message ids grow with time).
                 let mut last_ids = Vec::with_capacity(convs.len());
                 for (conv, _, last) in &convs {
@@ -2062,7 +2179,7 @@ impl Store for SqliteStore {
             })();
             let _ = c.execute_batch("COMMIT");
             r
-        })
+        }))
     }
 
     fn conversation(&self, conv: ConvId) -> StoreFut<Option<ConvRecord>> {
@@ -2132,7 +2249,8 @@ impl Store for SqliteStore {
         offset: u32,
         limit: u32,
     ) -> StoreFut<(Vec<ConvSummary>, bool)> {
-        self.read(move |c| {
+        let marks = self.marks.clone();
+        self.read(move |c| marks::read_with(&marks, |view| {
             c.execute_batch("BEGIN").map_err(read_err)?;
             let r = (|| {
                 let mut s = c
@@ -2163,11 +2281,22 @@ impl Store for SqliteStore {
                 let mut out: Vec<ConvSummary> = rows.collect::<Result<_, _>>().map_err(read_err)?;
                 let has_more = out.len() > limit as usize;
                 out.truncate(limit as usize);
+                // With the marks sends imply (the marks module).
+                for s in &mut out {
+                    let (conv, last) = (s.conv.id, s.last_seq);
+                    s.read_seq = view.mark(c, user, conv, s.read_seq, last).map_err(read_err)?;
+                    if !s.conv.is_group() {
+                        let peer = s.conv.peer_of(user);
+                        s.peer_read_seq = view
+                            .mark(c, peer, conv, s.peer_read_seq, last)
+                            .map_err(read_err)?;
+                    }
+                }
                 Ok((out, has_more))
             })();
             let _ = c.execute_batch("COMMIT");
             r
-        })
+        }))
     }
 
     fn update_profile(&self, user: UserId, patch: ProfilePatch) -> StoreFut<UserRecord> {
