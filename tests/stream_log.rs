@@ -630,3 +630,59 @@ async fn read_marks_come_back_from_the_messages_after_a_crash() {
     crashed.shutdown().await.unwrap();
     store.shutdown().await.unwrap();
 }
+
+/// A read-mark flush step that fails (a trigger refuses bob's mark) is rolled back:
+/// the flush cannot end, the mark stays held and readers still see it; once the cause
+/// is gone a later flush writes it, and after a restart it is in `members`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_read_mark_step_keeps_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Refusing::new(
+        dir.path(),
+        "CREATE TRIGGER refuse BEFORE UPDATE OF read_seq ON members WHEN NEW.user_id = {bob}
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .await;
+    let (alice, bob) = (t.alice, t.bob);
+    let mut others = Vec::new();
+    for name in ["carol", "dave", "erin"] {
+        others.push(user(t.store.as_ref(), name).await);
+    }
+    let mut conv = ConvId(0);
+    for n in 0..2 {
+        let m = t
+            .store
+            .send_direct(text(bob, alice, n))
+            .await
+            .unwrap()
+            .message;
+        conv = ConvId(m.conversation_id);
+    }
+    // Enough marks for several flushes of four, had none been refused.
+    for n in 0..30 {
+        let (a, b) = (others[n % 3], others[(n + 1) % 3]);
+        t.store
+            .send_direct(text(a, b, 100 + n as u64))
+            .await
+            .unwrap();
+    }
+    let sql = "SELECT value FROM meta WHERE key = 'read_marks_upto'";
+    assert_eq!(t.count(sql, []), 0, "the trigger did not refuse the flush");
+    let stored = |t: &Refusing| {
+        let sql = "SELECT read_seq FROM members WHERE user_id = ?1 AND conv_id = ?2";
+        t.count(sql, [bob.0 as i64, conv.0 as i64])
+    };
+    assert_eq!(stored(&t), 0);
+    assert_eq!(marks_in(t.store.as_ref(), bob, conv).await, (2, 0));
+    assert_eq!(marks_in(t.store.as_ref(), alice, conv).await, (0, 2));
+    t.repair_until(|t| stored(t) == 2).await;
+    // Alice's messages of the repair moved her own mark, not bob's.
+    let last = 2 + t.sent.len() as u64;
+    assert_eq!(marks_in(t.store.as_ref(), bob, conv).await, (2, last));
+    t.store.shutdown().await.unwrap();
+    drop(t);
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    assert_eq!(marks_in(store.as_ref(), bob, conv).await, (2, last));
+    assert_eq!(marks_in(store.as_ref(), alice, conv).await, (last, 2));
+    store.shutdown().await.unwrap();
+}
