@@ -824,12 +824,8 @@ struct Writer {
     next_log_id: i64,
     /// Read marks implied by one-to-one sends, not in `members` yet (the marks module).
     marks: Arc<parking_lot::RwLock<marks::Marks>>,
-    /// Marks of the released writes of the batch being built, and the newest message
-    /// among them.
+    /// Marks of the released writes of the batch being built.
     batch_marks: Vec<(UserId, ConvId, u64)>,
-    batch_marks_newest: u64,
-    /// The newest message whose mark a committed batch put in `marks`.
-    marks_newest: u64,
     /// The flush of `marks` under way, and the marks committed since its last step.
     marks_flush: Option<marks::Flush>,
     marks_since_step: usize,
@@ -855,9 +851,8 @@ struct CacheDelta {
     updates: Vec<(UserId, recent::Entry)>,
     /// Resend index entries of the messages the write stored.
     cids: Vec<client_ids::Entry>,
-    /// Read marks its sends imply (sender, conversation, seq), and the newest message.
+    /// Read marks its sends imply (sender, conversation, seq).
     marks: Vec<(UserId, ConvId, u64)>,
-    marks_newest: u64,
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -907,8 +902,6 @@ impl Writer {
             poisoned: false,
             marks,
             batch_marks: Vec::new(),
-            batch_marks_newest: 0,
-            marks_newest: 0,
             marks_flush: None,
             marks_since_step: 0,
         }
@@ -1048,7 +1041,6 @@ impl Writer {
         self.batch_updates.clear();
         self.cids.batch_failed();
         self.batch_marks.clear();
-        self.batch_marks_newest = 0;
         self.poisoned = false;
         for op in batch.drain(..) {
             let WriteOp::Job(job, undo) = op else {
@@ -1074,7 +1066,6 @@ impl Writer {
                 self.batch_updates.extend(delta.updates);
                 self.cids.add_to_batch(delta.cids);
                 self.batch_marks.extend(delta.marks);
-                self.batch_marks_newest = self.batch_marks_newest.max(delta.marks_newest);
                 if let Some(c) = delta.pair {
                     self.pairs_pending.insert((c.user_a, c.user_b), c);
                 }
@@ -1125,7 +1116,6 @@ impl Writer {
         };
         match committed {
             Ok(()) => {
-                self.marks_newest = self.marks_newest.max(self.batch_marks_newest);
                 self.marks_since_step += self.batch_marks.len();
                 self.merges_committed(merges);
                 if self.last_pts.len() > CACHE_MAX
@@ -1530,7 +1520,8 @@ impl Writer {
         let rows = self.stream_merge_rows.max(self.marks_since_step);
         self.marks_since_step = 0;
         if self.marks_flush.is_none() && self.marks.read().len() >= self.stream_log_rows {
-            self.marks_flush = Some(self.marks.read().start_flush(self.marks_newest));
+            // Every message committed so far has its mark held or in `members`.
+            self.marks_flush = Some(self.marks.read().start_flush(self.cids.newest()));
         }
         if let Some(f) = &self.marks_flush {
             let step = self.marks.read().next_step(f, rows);
@@ -1728,7 +1719,6 @@ impl Writer {
         // Sending implies having read the conversation up to one's own message: the
         // mark goes to `members` later, with many others (the marks module).
         d.marks.push((i.sender, conv.id, message.seq));
-        d.marks_newest = d.marks_newest.max(message.id);
         self.publications.push(Publication::Direct {
             message: message.clone(),
             sender_pts,
@@ -2704,6 +2694,10 @@ mod tests {
             read.await.expect("a read waited on a failed commit"),
             stored
         );
+        // The read marks the refused sends implied went back with them.
+        let resent = store.send_direct(text(alice, bob, 0)).await.unwrap();
+        let conv = ConvId(resent.message.conversation_id);
+        assert_eq!(store.mark_read(alice, conv, 99, None).await.unwrap(), 12);
         send_acked(12, 13).await;
         assert_eq!(stream_of(&store, bob).await, want);
         store.shutdown().await.unwrap();

@@ -298,6 +298,11 @@ impl ClientIds {
         }
     }
 
+    /// The newest message committed (0 before the first since the start).
+    pub fn newest(&self) -> u64 {
+        self.newest
+    }
+
     pub fn batch_failed(&mut self) {
         self.batch.clear();
     }

@@ -46,8 +46,8 @@ pub(super) struct Marks {
 pub(super) struct Flush {
     keys: Vec<(UserId, ConvId)>,
     next: usize,
-    /// The newest message whose mark was held at the start (`read_marks_upto` once
-    /// the last step commits).
+    /// The newest message committed at its start (`read_marks_upto` once the last step
+    /// commits): the mark of every message up to it is held then or in `members`.
     pub upto: u64,
     /// What the committed steps wrote (each leaves memory after the last step, unless
     /// a later send moved it).
@@ -110,7 +110,7 @@ impl Marks {
         }
     }
 
-    /// A flush of every mark held now; `upto`: the newest message among them.
+    /// A flush of every mark held now; `upto`: the newest message committed.
     pub fn start_flush(&self, upto: u64) -> Flush {
         let mut keys: Vec<(UserId, ConvId)> = self.marks.keys().copied().collect();
         keys.sort_unstable();
