@@ -441,7 +441,8 @@ async fn a_failed_resend_index_step_keeps_the_entry() {
 
 /// Deleting merged log rows failing (a trigger refuses it) leaves them in the table:
 /// the merges go on, every sync sees the whole stream, and once the cause is gone the
-/// rows are deleted; a restart finds the whole stream.
+/// rows are deleted; a restart finds the whole stream. (The logged events are bob's
+/// read receipts, one for him and one for alice each: a message's are not logged.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_log_trim_loses_nothing_and_is_tried_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -451,10 +452,12 @@ async fn a_failed_log_trim_loses_nothing_and_is_tried_again() {
          BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
     )
     .await;
-    for _ in 0..10 {
-        t.send().await;
-    }
     let bob = t.bob;
+    for seq in 1..=10 {
+        t.send().await;
+        let conv = t.store.conversations(bob, 0, 1).await.unwrap().0[0].conv.id;
+        assert_eq!(t.store.mark_read(bob, conv, seq, None).await.unwrap(), seq);
+    }
     let merged = "SELECT COUNT(*) FROM updates WHERE user_id = ?1";
     let logged = "SELECT COUNT(*) FROM updates_log";
     assert!(t.count(merged, [bob.0 as i64]) > 0, "nothing was merged");
@@ -463,15 +466,21 @@ async fn a_failed_log_trim_loses_nothing_and_is_tried_again() {
         20,
         "the trigger did not refuse the trim"
     );
-    assert_eq!(
-        pts_of(t.store.sync(bob, 0, 100).await.unwrap()),
-        (1..=10).collect::<Vec<_>>()
-    );
+    let whole: Vec<u64> = (1..=20).collect();
+    assert_eq!(pts_of(t.store.sync(bob, 0, 100).await.unwrap()), whole);
     // The rows the trigger kept are deleted once it is gone.
     let kept = t.count("SELECT MAX(id) FROM updates_log", []);
     t.repair_until(|t| t.count("SELECT COUNT(*) FROM updates_log WHERE id <= ?1", [kept]) == 0)
         .await;
-    t.whole_stream_now_and_after_restart(dir.path()).await;
+    // Ten receipts and every message, now and after a restart.
+    let whole: Vec<u64> = (1..=10 + t.sent.len() as u64).collect();
+    assert_eq!(pts_of(t.store.sync(bob, 0, 1000).await.unwrap()), whole);
+    t.store.shutdown().await.unwrap();
+    drop(t);
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    assert_eq!(store.logged_events(), 0);
+    assert_eq!(pts_of(store.sync(bob, 0, 1000).await.unwrap()), whole);
+    store.shutdown().await.unwrap();
 }
 
 /// `user`'s (read mark, peer's read mark) in `conv` as `conversations` shows them.
@@ -574,7 +583,8 @@ async fn read_marks_reach_members_in_flushes_and_never_move_back() {
 
 /// After a crash (the files copied while the store runs, as a power cut would leave
 /// them) the read marks not yet in `members` come back at the next open from the
-/// messages themselves: each sender's newest in each one-to-one conversation.
+/// messages themselves: each sender's newest in each one-to-one conversation; and so
+/// do the messages' stream events, which are not logged (the row carries both pts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_marks_come_back_from_the_messages_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
@@ -613,6 +623,20 @@ async fn read_marks_come_back_from_the_messages_after_a_crash() {
         }
     }
     let crashed = SqliteStore::open(copy.path(), &config(1 << 20, 1 << 20)).unwrap();
+    // The messages' stream events, never logged and never merged, come back too.
+    for u in [alice, bob, carol] {
+        let (was, is) = (store.sync(u, 0, 100), crashed.sync(u, 0, 100));
+        let (was, is) = (was.await.unwrap(), is.await.unwrap());
+        assert_eq!(
+            format!("{:?}", is.updates),
+            format!("{:?}", was.updates),
+            "{u:?}"
+        );
+    }
+    assert_eq!(
+        pts_of(crashed.sync(alice, 0, 100).await.unwrap()),
+        [1, 2, 3, 4, 5]
+    );
     assert_eq!(marks_in(crashed.as_ref(), alice, conv).await, (4, 3));
     assert_eq!(marks_in(crashed.as_ref(), bob, conv).await, (3, 4));
     assert_eq!(marks_in(crashed.as_ref(), alice, other).await, (0, 1));
@@ -684,5 +708,53 @@ async fn a_failed_read_mark_step_keeps_the_mark() {
     let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
     assert_eq!(marks_in(store.as_ref(), bob, conv).await, (2, last));
     assert_eq!(marks_in(store.as_ref(), alice, conv).await, (last, 2));
+    store.shutdown().await.unwrap();
+}
+
+/// A crash while merges run (every 4 events, steps of 2; the files copied while the
+/// store runs): the next open finds every user's whole stream, the events merged
+/// before it and the messages' events that were only in memory alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_come_back_after_a_crash_while_merging() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
+    let mut users = Vec::new();
+    for i in 0..5 {
+        users.push(user(store.as_ref(), &format!("u{i}")).await);
+    }
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    for n in 0..203u64 {
+        let a = users[rng.below(5) as usize];
+        let b =
+            users[(rng.below(4) as usize + 1 + users.iter().position(|u| *u == a).unwrap()) % 5];
+        store.send_direct(text(a, b, n)).await.unwrap();
+        if n % 7 == 0 {
+            let conv = store.conversations(b, 0, 1).await.unwrap().0[0].conv.id;
+            store.mark_read(b, conv, 1_000, None).await.unwrap();
+        }
+    }
+    assert!(
+        store.logged_events() > 0,
+        "every event was merged: this checked less"
+    );
+    let copy = tempfile::tempdir().unwrap();
+    for f in ["mychat.db", "mychat.db-wal", "token.key"] {
+        let from = dir.path().join(f);
+        if from.exists() {
+            std::fs::copy(&from, copy.path().join(f)).unwrap();
+        }
+    }
+    let crashed = SqliteStore::open(copy.path(), &config(4, 2)).unwrap();
+    for &u in &users {
+        let (was, is) = (store.sync(u, 0, 10_000), crashed.sync(u, 0, 10_000));
+        let (was, is) = (was.await.unwrap(), is.await.unwrap());
+        assert!(!was.updates.is_empty());
+        assert_eq!(
+            format!("{:?}", is.updates),
+            format!("{:?}", was.updates),
+            "{u:?}"
+        );
+    }
+    crashed.shutdown().await.unwrap();
     store.shutdown().await.unwrap();
 }

@@ -265,6 +265,14 @@ INSERT OR REPLACE INTO meta(key, value)
 INSERT OR REPLACE INTO meta(key, value)
     VALUES('read_marks_upto', (SELECT COALESCE(MAX(id), 0) FROM messages));
 "#,
+    r#"
+-- 7: a one-to-one message carries both users' pts, and its two stream events are not
+-- logged: those of the messages past stream_msgs_upto may not be in updates yet.
+ALTER TABLE messages ADD COLUMN sender_pts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN recipient_pts INTEGER NOT NULL DEFAULT 0;
+INSERT OR REPLACE INTO meta(key, value)
+    VALUES('stream_msgs_upto', (SELECT COALESCE(MAX(id), 0) FROM messages));
+"#,
 ];
 
 const UPDATE_MESSAGE: i64 = 1;
@@ -624,7 +632,9 @@ fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
     Ok(c)
 }
 
-/// Moves every event of the stream log into `updates` and empties the log, every
+/// Moves every event of the stream log, and both events of every one-to-one message
+/// past `stream_msgs_upto` (not logged: the message row carries both pts), into
+/// `updates` and empties the log, every
 /// resend entry of the messages past `client_ids_upto` into `client_ids`, and the read
 /// marks of the one-to-one messages past `read_marks_upto` (each sender's newest there
 /// per conversation, the marks module) into `members`, in one transaction. A merge
@@ -636,8 +646,18 @@ fn merge_all(c: &Connection) -> Result<(), StoreError> {
         "BEGIN IMMEDIATE;
          INSERT OR IGNORE INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor, data)
              SELECT user_id, pts, kind, conv_id, seq, msg_id, actor, data FROM updates_log
-             ORDER BY user_id, pts;
+             UNION ALL
+             SELECT sender_id, sender_pts, {UPDATE_MESSAGE}, conv_id, seq, id, sender_id, ''
+             FROM messages
+             WHERE id > (SELECT value FROM meta WHERE key = 'stream_msgs_upto') AND sender_pts > 0
+             UNION ALL
+             SELECT recipient_id, recipient_pts, {UPDATE_MESSAGE}, conv_id, seq, id, sender_id, ''
+             FROM messages
+             WHERE id > (SELECT value FROM meta WHERE key = 'stream_msgs_upto') AND sender_pts > 0
+             ORDER BY 1, 2;
          DELETE FROM updates_log;
+         UPDATE meta SET value = (SELECT COALESCE(MAX(id), 0) FROM messages)
+             WHERE key = 'stream_msgs_upto';
          INSERT OR IGNORE INTO client_ids(sender_id, client_msg_id, msg_id)
              SELECT sender_id, client_msg_id, id FROM messages
              WHERE id > (SELECT value FROM meta WHERE key = 'client_ids_upto')
@@ -803,6 +823,9 @@ struct Writer {
     batch_updates: Vec<(UserId, recent::Entry)>,
     /// The merge under way: (its start, the last user moved so far).
     merge: Option<(i64, Option<UserId>)>,
+    /// The newest message committed when the merge under way started: once it ends,
+    /// the events of every message up to it are in `updates` (`stream_msgs_upto`).
+    merge_msgs_upto: u64,
     /// Log rows up to this id are merged and wait to be deleted (0: none).
     log_trim: i64,
     /// After a failed merge step, none is tried before this.
@@ -874,6 +897,7 @@ impl Writer {
             recent,
             batch_updates: Vec::new(),
             merge: None,
+            merge_msgs_upto: 0,
             log_trim: 0,
             merge_pause: None,
             cids: client_ids::ClientIds::default(),
@@ -1399,6 +1423,22 @@ impl Writer {
             .prepare_cached("INSERT INTO updates_log(id, user_id, pts, kind, conv_id, seq, msg_id, actor, data) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
             .and_then(|mut s| s.execute(params![self.next_log_id, user.0 as i64, pts as i64, kind, conv.0 as i64, seq as i64, msg_id as i64, actor.0 as i64, data]))
             .map_err(internal)?;
+        self.hold_update(user, pts, ev, data.to_owned(), d);
+        Ok(pts)
+    }
+
+    /// Puts an event at `pts` of `user`'s stream in memory (for [`recent::Recent`] once
+    /// committed) with the next log id: after [`Writer::push_update`] logged it, or for
+    /// a one-to-one message, whose row carries both events' pts instead of two log
+    /// rows (a restart derives them from it: `merge_all`).
+    fn hold_update(
+        &mut self,
+        user: UserId,
+        pts: u64,
+        ev: StreamEvent,
+        data: String,
+        d: &mut CacheDelta,
+    ) {
         let log_id = self.next_log_id;
         self.next_log_id += 1;
         d.pts.push((user, pts));
@@ -1408,10 +1448,9 @@ impl Writer {
                 pts,
                 log_id,
                 ev,
-                data: data.to_owned(),
+                data,
             },
         ));
-        Ok(pts)
     }
 
     /// The merges' share of a write batch, run inside the batch's transaction just
@@ -1453,9 +1492,12 @@ impl Writer {
         }
         if self.merge.is_none() && self.recent.read().rows() >= self.stream_log_rows {
             self.merge = Some((self.recent.read().last_log_id(), None));
+            // Every message committed so far has its events here or in `updates`.
+            self.merge_msgs_upto = self.cids.newest();
         }
         if let Some((upto, after)) = self.merge {
             let step = self.recent.read().step(after, upto, rows);
+            let msgs_upto = self.merge_msgs_upto;
             let written = self.merge_savepoint("stream", |c| {
                 let mut ins = c.prepare_cached(
                     "INSERT INTO updates(user_id, pts, kind, conv_id, seq, msg_id, actor, data) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -1472,6 +1514,10 @@ impl Writer {
                         ev.actor.0 as i64,
                         e.data
                     ])?;
+                }
+                if step.done {
+                    c.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'stream_msgs_upto'")?
+                        .execute([msgs_upto as i64])?;
                 }
                 Ok(0)
             });
@@ -1695,6 +1741,14 @@ impl Writer {
             ));
         }
         let conv = self.direct(i.sender, i.recipient, d)?;
+        // The message row carries both users' pts: its stream events are not logged
+        // (`Writer::hold_update`).
+        let sender_pts = self.pts_of(i.sender, d)? + 1;
+        let recipient_pts = if i.recipient == i.sender {
+            sender_pts + 1
+        } else {
+            self.pts_of(i.recipient, d)? + 1
+        };
         let message = self.insert_message(
             conv.id,
             i.sender,
@@ -1705,6 +1759,7 @@ impl Writer {
             i.payload,
             i.client_msg_id,
             i.now_ms,
+            (sender_pts, recipient_pts),
             d,
         )?;
         let msg_event = StreamEvent {
@@ -1714,8 +1769,8 @@ impl Writer {
             msg_id: message.id,
             actor: i.sender,
         };
-        let sender_pts = self.push_update(i.sender, msg_event, "", d)?;
-        let recipient_pts = self.push_update(i.recipient, msg_event, "", d)?;
+        self.hold_update(i.sender, sender_pts, msg_event, String::new(), d);
+        self.hold_update(i.recipient, recipient_pts, msg_event, String::new(), d);
         // Sending implies having read the conversation up to one's own message: the
         // mark goes to `members` later, with many others (the marks module).
         d.marks.push((i.sender, conv.id, message.seq));
@@ -2101,12 +2156,18 @@ impl Store for SqliteStore {
             let r = (|| {
                 // The stream log has no index by user: this scans it (up to about
                 // three times store.stream_log_rows rows, merged ones waiting to be
-                // deleted included: a few milliseconds), once per new device, so
-                // that the pts is exactly the snapshot's.
+                // deleted included: a few milliseconds), and the one-to-one messages
+                // whose events may not be merged yet (they are not logged: the row
+                // carries both pts), once per new device, so that the pts is exactly
+                // the snapshot's.
                 let pts: i64 = c
                     .prepare_cached(
                         "SELECT MAX((SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1),
-                                    (SELECT COALESCE(MAX(pts), 0) FROM updates_log WHERE user_id=?1))",
+                                    (SELECT COALESCE(MAX(pts), 0) FROM updates_log WHERE user_id=?1),
+                                    (SELECT COALESCE(MAX(CASE WHEN sender_id=?1 THEN sender_pts ELSE recipient_pts END), 0)
+                                     FROM messages
+                                     WHERE id > (SELECT value FROM meta WHERE key = 'stream_msgs_upto')
+                                         AND sender_pts > 0 AND (sender_id=?1 OR recipient_id=?1)))",
                     )
                     .and_then(|mut s| s.query_row([user.0 as i64], |r| r.get(0)))
                     .map_err(read_err)?;
@@ -2714,10 +2775,11 @@ mod tests {
         store.shutdown().await.unwrap();
     }
 
-    /// A 1:1 send runs without a savepoint. One that fails after it wrote (a trigger
-    /// refuses its stream event once its message row is in) takes its batch down: it
-    /// and every send batched with it are refused, nothing of them is stored, and the
-    /// conversations' next messages take the seqs they would have taken. Sends beside
+    /// A 1:1 send runs without a savepoint. One that fails after it wrote (a first
+    /// contact's: a trigger refuses its message row once the new conversation's rows
+    /// are in) takes its batch down: it and every send batched with it are refused,
+    /// nothing of them is stored, and the conversations' next messages take the seqs
+    /// they would have taken. Sends beside
     /// it either are acknowledged and stored with gap-free seqs or refused and absent.
     /// A send refused before it writes (a block) leaves its batch alone. Treating the
     /// failure after a write like a clean refusal stores the half-written message.
@@ -2726,11 +2788,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, alice, bob) = two_users(dir.path()).await;
         let mut others = Vec::new();
-        for name in ["carol", "dave"] {
+        for name in ["carol", "dave", "erin"] {
             let u = store.create_user(name.into(), "x".into(), 0).await;
             others.push(u.unwrap().id);
         }
-        let (carol, dave) = (others[0], others[1]);
+        let (carol, dave, erin) = (others[0], others[1], others[2]);
         // Alice to Bob: the seq it was stored at.
         let seq_of = async |n: u64| {
             let o = store.send_direct(text(alice, bob, n)).await.unwrap();
@@ -2747,8 +2809,7 @@ mod tests {
             .unwrap()
         };
         c.execute_batch(
-            "CREATE TRIGGER poison BEFORE INSERT ON updates_log
-             WHEN (SELECT text FROM messages WHERE id = NEW.msg_id) = 'message 2'
+            "CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.text = 'message 2'
              BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
         )
         .unwrap();
@@ -2759,7 +2820,7 @@ mod tests {
                 tokio::spawn(async move { (n, store.send_direct(text(carol, dave, n)).await) })
             })
             .collect();
-        let poisoned = store.send_direct(text(alice, bob, 2)).await;
+        let poisoned = store.send_direct(text(alice, erin, 2)).await;
         assert!(
             matches!(poisoned, Err(StoreError::Internal(_))),
             "{poisoned:?}"
@@ -2777,6 +2838,14 @@ mod tests {
         }
         c.execute_batch("DROP TRIGGER poison").unwrap();
         assert_eq!(count("message 2"), 0, "the failed send's message is stored");
+        let with_erin: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM conversations WHERE ?1 IN (user_a, user_b)",
+                [erin.0 as i64],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(with_erin, 0, "the failed send's conversation is stored");
         // Carol's acknowledged sends: stored, seqs 1.. without a gap.
         acked.sort();
         let seqs: Vec<u64> = acked.iter().map(|(s, _)| *s).collect();
@@ -2784,10 +2853,10 @@ mod tests {
         for (_, t) in &acked {
             assert_eq!(count(t), 1, "{t}");
         }
-        // Alice's next message takes seq 2; her refused one, sent again, is new.
+        // Alice's next message to Bob takes seq 2; her refused one, sent again, is new.
         assert_eq!(seq_of(3).await, 2);
-        let again = store.send_direct(text(alice, bob, 2)).await.unwrap();
-        assert_eq!((again.duplicate, again.message.seq), (false, 3));
+        let again = store.send_direct(text(alice, erin, 2)).await.unwrap();
+        assert_eq!((again.duplicate, again.message.seq), (false, 1));
         // Refused before writing: its batch commits.
         store.block(bob, alice, 0).await.unwrap();
         let (blocked, fine) = tokio::join!(

@@ -162,7 +162,9 @@ impl Writer {
         Ok(pts)
     }
 
-    /// Inserts a message at the conversation's next seq.
+    /// Inserts a message at the conversation's next seq. `pts`: the sender's and the
+    /// recipient's pts of a one-to-one message's stream events, which are then not
+    /// logged ((0, 0): none, or logged).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn insert_message(
         &mut self,
@@ -175,6 +177,7 @@ impl Writer {
         payload: bytes::Bytes,
         client_msg_id: String,
         now: i64,
+        pts: (u64, u64),
         d: &mut CacheDelta,
     ) -> Result<Message, StoreError> {
         let seq = self.seq_of(conv)? + 1;
@@ -184,9 +187,9 @@ impl Writer {
             Some(&payload)
         };
         self.exec(
-            "INSERT INTO messages(conv_id, seq, sender_id, recipient_id, kind, text, payload, client_msg_id, time_ms, group_id)
-             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![conv.0 as i64, seq as i64, sender.0 as i64, recipient.0 as i64, kind as i64, text, p, client_msg_id, now, group as i64],
+            "INSERT INTO messages(conv_id, seq, sender_id, recipient_id, kind, text, payload, client_msg_id, time_ms, group_id, sender_pts, recipient_pts)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![conv.0 as i64, seq as i64, sender.0 as i64, recipient.0 as i64, kind as i64, text, p, client_msg_id, now, group as i64, pts.0 as i64, pts.1 as i64],
         )?;
         let id = self.conn.last_insert_rowid() as u64;
         d.seqs.push((conv, seq));
@@ -233,6 +236,7 @@ impl Writer {
             bytes::Bytes::from(ev.encode_to_vec()),
             cid,
             now,
+            (0, 0),
             d,
         )
     }
@@ -1179,6 +1183,7 @@ impl Writer {
             i.payload,
             i.client_msg_id,
             i.now_ms,
+            (0, 0),
             d,
         )?;
         self.exec(
