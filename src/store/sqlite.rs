@@ -36,7 +36,8 @@
 //!   only writer, so the caches are exact. A write's changes go to a batch overlay when
 //!   its savepoint is released (later writes of the batch read through it), into the
 //!   caches when the batch commits, and are dropped whole if the commit fails;
-//! - users' update-stream events go to an append-only log table and an in-memory copy
+//! - users' update-stream events go to an append-only log table (a one-to-one
+//!   message's two events: its own row, which carries both pts) and an in-memory copy
 //!   of it, and are merged into the per-user index many at a time, a step inside
 //!   each write batch's transaction while a merge runs (the `recent` module says why
 //!   and how readers stay exact; `Writer::merge_in_batch` why inside the batch); the

@@ -21,6 +21,16 @@
 //! start, the log rows up to there are deleted, a chunk per batch; a restart merges
 //! whatever is left (`INSERT OR IGNORE`: merged rows may still be in the log).
 //!
+//! A one-to-one message's two events are not logged: its row in `messages` carries
+//! both users' pts, written in the same transaction, so it is as durable as a log row
+//! would be. They come here like the others; the merge's last step records in
+//! `meta.stream_msgs_upto` the newest message committed at the merge's start (every
+//! message up to it has its events in `updates` then), and a restart derives the
+//! events of the messages past it from their rows. Measured on the store alone
+//! (`examples/store_write_set.rs`, six alternating pairs): 37.9-43.8 against
+//! 44.1-53.1 µs of CPU per message, 0.78-0.91 x (two log inserts and two deletes per
+//! message, and their pages, gone).
+//!
 //! Why readers never miss an event: the writer adds events here only after their
 //! commit, and removes them only after the commit that put them in `updates`. A reader
 //! copies its user's events from here first and queries `updates` second. Per user,
