@@ -483,6 +483,19 @@ async fn a_failed_log_trim_loses_nothing_and_is_tried_again() {
     store.shutdown().await.unwrap();
 }
 
+/// The store's files in `dir` copied while it runs (nothing being written), as a
+/// power cut would leave them: the database and its WAL, without the WAL's index.
+fn crashed_copy(dir: &std::path::Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for f in ["mychat.db", "mychat.db-wal", "token.key"] {
+        let from = dir.join(f);
+        if from.exists() {
+            std::fs::copy(&from, copy.path().join(f)).unwrap();
+        }
+    }
+    copy
+}
+
 /// `user`'s (read mark, peer's read mark) in `conv` as `conversations` shows them.
 async fn marks_in(store: &dyn Store, user: UserId, conv: ConvId) -> (u64, u64) {
     let (convs, _) = store.conversations(user, 0, 100).await.unwrap();
@@ -615,13 +628,7 @@ async fn read_marks_come_back_from_the_messages_after_a_crash() {
             .conversation_id,
     );
     assert_eq!(marks_in(store.as_ref(), alice, conv).await, (4, 3));
-    let copy = tempfile::tempdir().unwrap();
-    for f in ["mychat.db", "mychat.db-wal", "token.key"] {
-        let from = dir.path().join(f);
-        if from.exists() {
-            std::fs::copy(&from, copy.path().join(f)).unwrap();
-        }
-    }
+    let copy = crashed_copy(dir.path());
     let crashed = SqliteStore::open(copy.path(), &config(1 << 20, 1 << 20)).unwrap();
     // The messages' stream events, never logged and never merged, come back too.
     for u in [alice, bob, carol] {
@@ -737,13 +744,7 @@ async fn streams_come_back_after_a_crash_while_merging() {
         store.logged_events() > 0,
         "every event was merged: this checked less"
     );
-    let copy = tempfile::tempdir().unwrap();
-    for f in ["mychat.db", "mychat.db-wal", "token.key"] {
-        let from = dir.path().join(f);
-        if from.exists() {
-            std::fs::copy(&from, copy.path().join(f)).unwrap();
-        }
-    }
+    let copy = crashed_copy(dir.path());
     let crashed = SqliteStore::open(copy.path(), &config(4, 2)).unwrap();
     for &u in &users {
         let (was, is) = (store.sync(u, 0, 10_000), crashed.sync(u, 0, 10_000));
