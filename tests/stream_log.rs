@@ -759,3 +759,44 @@ async fn streams_come_back_after_a_crash_while_merging() {
     crashed.shutdown().await.unwrap();
     store.shutdown().await.unwrap();
 }
+
+/// Logged events between messages' (which take log ids but no log rows: the ids in
+/// the table have gaps) are still deleted once merged: the table stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_log_rows_are_deleted_between_unlogged_events() {
+    let dir = tempfile::tempdir().unwrap();
+    const LOG_ROWS: usize = 64;
+    // Steps of 5: a chunk of ids to delete ends inside a gap or a pair of rows.
+    let store = SqliteStore::open(dir.path(), &config(LOG_ROWS, 5)).unwrap();
+    let mut users = Vec::new();
+    for i in 0..40 {
+        users.push(user(store.as_ref(), &format!("u{i}")).await);
+    }
+    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
+    let table = || -> i64 {
+        db.query_row("SELECT COUNT(*) FROM updates_log", [], |r| r.get(0))
+            .unwrap()
+    };
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let mut most = 0;
+    for n in 0..600u64 {
+        // A message (two unlogged events), then its read receipt (two logged).
+        let a = rng.below(40) as usize;
+        let b = (a + 1 + rng.below(39) as usize) % 40;
+        let m = store
+            .send_direct(text(users[a], users[b], n))
+            .await
+            .unwrap()
+            .message;
+        let conv = ConvId(m.conversation_id);
+        store.mark_read(users[b], conv, m.seq, None).await.unwrap();
+        most = most.max(table());
+    }
+    // Merged rows wait for their deletion a chunk per batch: about three times the
+    // bound at most (as for a log without gaps).
+    assert!(
+        most <= 3 * LOG_ROWS as i64,
+        "the log table held {most} rows"
+    );
+    store.shutdown().await.unwrap();
+}

@@ -1480,13 +1480,15 @@ impl Writer {
         if self.log_trim > 0 {
             let (upto, n) = (self.log_trim, rows as i64);
             let deleted = self.merge_savepoint("stream log trim", |c| {
+                // The oldest `n` rows up to `upto`, by count: the ids have gaps (a
+                // one-to-one message's events take ids but have no rows).
                 c.prepare_cached(
-                    "DELETE FROM updates_log WHERE id <= min(?1, (SELECT MIN(id) FROM updates_log) + ?2 - 1)",
+                    "DELETE FROM updates_log WHERE id IN (SELECT id FROM updates_log WHERE id <= ?1 ORDER BY id LIMIT ?2)",
                 )?
                 .execute([upto, n])
             });
             match deleted {
-                // Ids are dense: fewer than asked means none is left up to `upto`.
+                // Fewer than asked: none is left up to `upto`.
                 Some(d) => work.trimmed = d < rows,
                 None => return work,
             }
