@@ -12,11 +12,15 @@
 //! here a flush starts: the keys held then, sorted as `members` is, are written a step
 //! per write batch (`read_seq = MAX(read_seq, mark)`), so each page of `members` is
 //! written once for all of its marks; the flush's last step records, in the same
-//! transaction, that every mark of a message up to the newest one held at its start
-//! is in `members` (`meta.read_marks_upto`); after that commit the marks it wrote leave
-//! memory (unless a later send moved them meanwhile). After a crash the marks of the
-//! messages past `read_marks_upto` are derived again from the messages themselves
+//! transaction, that the mark of every message up to the newest one committed at its
+//! start is in `members` (`meta.read_marks_upto`); after that commit the marks it wrote
+//! leave memory (unless a later send moved them meanwhile). After a crash the marks of
+//! the messages past `read_marks_upto` are derived again from the messages themselves
 //! (the store's `merge_all`): a one-to-one message's sender has read up to it.
+//!
+//! Measured on the store alone (`examples/store_write_set.rs`, nine alternating
+//! pairs): 50.5-58.6 against 50.8-66.4 µs of CPU per message, 0.86-1.01 x (median
+//! 0.93); skipping the update altogether would have given 0.77-1.01 x (median 0.89).
 //!
 //! How readers stay exact: a mark here is the seq of the sender's newest message in
 //! that conversation as the writer knows it, which may be committed after the
