@@ -879,6 +879,17 @@ struct CacheDelta {
     marks: Vec<(UserId, ConvId, u64)>,
 }
 
+impl CacheDelta {
+    fn clear(&mut self) {
+        self.seqs.clear();
+        self.pts.clear();
+        self.pair = None;
+        self.updates.clear();
+        self.cids.clear();
+        self.marks.clear();
+    }
+}
+
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
 }
@@ -1067,6 +1078,9 @@ impl Writer {
         self.cids.batch_failed();
         self.batch_marks.clear();
         self.poisoned = false;
+        // One delta for every write of the batch, emptied before each: its lists keep
+        // their room, so a write allocates none of them.
+        let mut delta = CacheDelta::default();
         for op in batch.drain(..) {
             let WriteOp::Job(job, undo) = op else {
                 continue;
@@ -1076,7 +1090,7 @@ impl Writer {
                 continue; // the job is dropped: its caller sees "writer stopped"
             }
             let changes = self.conn.total_changes();
-            let mut delta = CacheDelta::default();
+            delta.clear();
             let groups_before = self.groups_dirty.len();
             let pubs_before = self.publications.len();
             let d = job(self, &mut delta);
@@ -1086,12 +1100,12 @@ impl Writer {
                 if savepoint {
                     let _ = self.exec_cached("RELEASE op");
                 }
-                self.batch_seq.extend(delta.seqs);
-                self.batch_pts.extend(delta.pts);
-                self.batch_updates.extend(delta.updates);
-                self.cids.add_to_batch(delta.cids);
-                self.batch_marks.extend(delta.marks);
-                if let Some(c) = delta.pair {
+                self.batch_seq.extend(delta.seqs.drain(..));
+                self.batch_pts.extend(delta.pts.drain(..));
+                self.batch_updates.append(&mut delta.updates);
+                self.cids.add_to_batch(delta.cids.drain(..));
+                self.batch_marks.append(&mut delta.marks);
+                if let Some(c) = delta.pair.take() {
                     self.pairs_pending.insert((c.user_a, c.user_b), c);
                 }
             } else {
