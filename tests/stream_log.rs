@@ -37,6 +37,42 @@ async fn user(store: &dyn Store, name: &str) -> UserId {
         .id
 }
 
+/// `n` users named `{prefix}0`, `{prefix}1` …
+async fn users_named(store: &dyn Store, prefix: &str, n: usize) -> Vec<UserId> {
+    let mut users = Vec::with_capacity(n);
+    for i in 0..n {
+        users.push(user(store, &format!("{prefix}{i}")).await);
+    }
+    users
+}
+
+/// Counts the rows of the stream log table of the store in `dir`, on a connection of
+/// its own.
+fn log_rows(dir: &std::path::Path) -> impl Fn() -> usize {
+    let db = rusqlite::Connection::open(dir.join("mychat.db")).unwrap();
+    move || {
+        db.query_row("SELECT COUNT(*) FROM updates_log", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap() as usize
+    }
+}
+
+/// Each of `users`' whole streams reads the same from `is` as from `was`, and none is
+/// empty.
+async fn same_streams(was: &dyn Store, is: &dyn Store, users: &[UserId]) {
+    for &u in users {
+        let (was, is) = (was.sync(u, 0, 10_000), is.sync(u, 0, 10_000));
+        let (was, is) = (was.await.unwrap(), is.await.unwrap());
+        assert!(!was.updates.is_empty(), "{u:?} has no stream");
+        assert_eq!(
+            format!("{:?}", is.updates),
+            format!("{:?}", was.updates),
+            "{u:?}"
+        );
+    }
+}
+
 /// A sync page as comparable text.
 fn shown(p: &SyncPage) -> String {
     format!("{:?} more={} to={}", p.updates, p.has_more, p.scanned_to)
@@ -262,17 +298,8 @@ async fn the_log_stays_bounded_when_writes_log_more_than_a_step() {
     let dir = tempfile::tempdir().unwrap();
     const LOG_ROWS: usize = 20;
     let store = SqliteStore::open(dir.path(), &config(LOG_ROWS, 1)).unwrap();
-    let mut users = Vec::new();
-    for i in 0..41 {
-        users.push(user(store.as_ref(), &format!("g{i}")).await);
-    }
-    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
-    let table = || -> usize {
-        db.query_row("SELECT COUNT(*) FROM updates_log", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .unwrap() as usize
-    };
+    let users = users_named(store.as_ref(), "g", 41).await;
+    let table = log_rows(dir.path());
     let (mut most, mut most_table) = (0, 0);
     for n in 0..60 {
         let change = store
@@ -516,10 +543,7 @@ async fn read_marks_reach_members_in_flushes_and_never_move_back() {
     let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
     let alice = user(store.as_ref(), "alice").await;
     let bob = user(store.as_ref(), "bob").await;
-    let mut others = Vec::new();
-    for i in 0..6 {
-        others.push(user(store.as_ref(), &format!("o{i}")).await);
-    }
+    let others = users_named(store.as_ref(), "o", 6).await;
     let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
     let upto = || -> u64 {
         db.query_row(
@@ -631,15 +655,7 @@ async fn read_marks_come_back_from_the_messages_after_a_crash() {
     let copy = crashed_copy(dir.path());
     let crashed = SqliteStore::open(copy.path(), &config(1 << 20, 1 << 20)).unwrap();
     // The messages' stream events, never logged and never merged, come back too.
-    for u in [alice, bob, carol] {
-        let (was, is) = (store.sync(u, 0, 100), crashed.sync(u, 0, 100));
-        let (was, is) = (was.await.unwrap(), is.await.unwrap());
-        assert_eq!(
-            format!("{:?}", is.updates),
-            format!("{:?}", was.updates),
-            "{u:?}"
-        );
-    }
+    same_streams(store.as_ref(), crashed.as_ref(), &[alice, bob, carol]).await;
     assert_eq!(
         pts_of(crashed.sync(alice, 0, 100).await.unwrap()),
         [1, 2, 3, 4, 5]
@@ -725,15 +741,11 @@ async fn a_failed_read_mark_step_keeps_the_mark() {
 async fn streams_come_back_after_a_crash_while_merging() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path(), &config(4, 2)).unwrap();
-    let mut users = Vec::new();
-    for i in 0..5 {
-        users.push(user(store.as_ref(), &format!("u{i}")).await);
-    }
+    let users = users_named(store.as_ref(), "u", 5).await;
     let mut rng = Rng(0x2545f4914f6cdd1d);
     for n in 0..203u64 {
-        let a = users[rng.below(5) as usize];
-        let b =
-            users[(rng.below(4) as usize + 1 + users.iter().position(|u| *u == a).unwrap()) % 5];
+        let a = rng.below(5) as usize;
+        let (a, b) = (users[a], users[(a + 1 + rng.below(4) as usize) % 5]);
         store.send_direct(text(a, b, n)).await.unwrap();
         if n % 7 == 0 {
             let conv = store.conversations(b, 0, 1).await.unwrap().0[0].conv.id;
@@ -746,16 +758,7 @@ async fn streams_come_back_after_a_crash_while_merging() {
     );
     let copy = crashed_copy(dir.path());
     let crashed = SqliteStore::open(copy.path(), &config(4, 2)).unwrap();
-    for &u in &users {
-        let (was, is) = (store.sync(u, 0, 10_000), crashed.sync(u, 0, 10_000));
-        let (was, is) = (was.await.unwrap(), is.await.unwrap());
-        assert!(!was.updates.is_empty());
-        assert_eq!(
-            format!("{:?}", is.updates),
-            format!("{:?}", was.updates),
-            "{u:?}"
-        );
-    }
+    same_streams(store.as_ref(), crashed.as_ref(), &users).await;
     crashed.shutdown().await.unwrap();
     store.shutdown().await.unwrap();
 }
@@ -768,15 +771,8 @@ async fn merged_log_rows_are_deleted_between_unlogged_events() {
     const LOG_ROWS: usize = 64;
     // Steps of 5: a chunk of ids to delete ends inside a gap or a pair of rows.
     let store = SqliteStore::open(dir.path(), &config(LOG_ROWS, 5)).unwrap();
-    let mut users = Vec::new();
-    for i in 0..40 {
-        users.push(user(store.as_ref(), &format!("u{i}")).await);
-    }
-    let db = rusqlite::Connection::open(dir.path().join("mychat.db")).unwrap();
-    let table = || -> i64 {
-        db.query_row("SELECT COUNT(*) FROM updates_log", [], |r| r.get(0))
-            .unwrap()
-    };
+    let users = users_named(store.as_ref(), "u", 40).await;
+    let table = log_rows(dir.path());
     let mut rng = Rng(0x9e3779b97f4a7c15);
     let mut most = 0;
     for n in 0..600u64 {
@@ -794,9 +790,6 @@ async fn merged_log_rows_are_deleted_between_unlogged_events() {
     }
     // Merged rows wait for their deletion a chunk per batch: about three times the
     // bound at most (as for a log without gaps).
-    assert!(
-        most <= 3 * LOG_ROWS as i64,
-        "the log table held {most} rows"
-    );
+    assert!(most <= 3 * LOG_ROWS, "the log table held {most} rows");
     store.shutdown().await.unwrap();
 }
