@@ -344,6 +344,8 @@ pub struct SqliteStore {
     publisher: Arc<parking_lot::RwLock<Option<Publisher>>>,
     /// Stream events logged and committed but not merged into `updates` yet.
     recent: Arc<parking_lot::RwLock<recent::Recent>>,
+    /// Makes a snapshot and `recent` agree (a new device's first sync).
+    commits: Arc<recent::CommitLock>,
     /// Read marks implied by one-to-one sends, not in `members` yet.
     marks: Arc<parking_lot::RwLock<marks::Marks>>,
     /// Which commits are durable (reads wait for what they may have seen).
@@ -462,6 +464,8 @@ impl SqliteStore {
             Arc::new(parking_lot::RwLock::new(None));
         let recent = Arc::new(parking_lot::RwLock::new(recent::Recent::default()));
         let wrecent = recent.clone();
+        let commits = Arc::new(recent::CommitLock::default());
+        let wcommits = commits.clone();
         let marks = Arc::new(parking_lot::RwLock::new(marks::Marks::default()));
         let wmarks = marks.clone();
         let wcfg = cfg.clone();
@@ -478,7 +482,7 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("mychat-store-writer".into())
             .spawn(move || {
-                Writer::new(w, wrecent, wmarks, &wcfg, wgate, committed)
+                Writer::new(w, (wrecent, wcommits), wmarks, &wcfg, wgate, committed)
                     .run(wrx, max_batch, wfinish);
                 // The writer is gone, and with it the syncer's queue: everything
                 // committed is answered before the store reports stopped.
@@ -508,6 +512,7 @@ impl SqliteStore {
             path,
             publisher,
             recent,
+            commits,
             marks,
             gate,
         }))
@@ -820,6 +825,8 @@ struct Writer {
     committed: crossbeam_channel::Sender<durable::Committed>,
     gate: Arc<durable::Gate>,
     recent: Arc<parking_lot::RwLock<recent::Recent>>,
+    /// Held from a batch's COMMIT until `recent` shows it (see `recent::CommitLock`).
+    commits: Arc<recent::CommitLock>,
     /// Stream events of the released writes of the batch being built.
     batch_updates: Vec<(UserId, recent::Entry)>,
     /// The merge under way: (its start, the last user moved so far).
@@ -897,7 +904,10 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 impl Writer {
     fn new(
         conn: Connection,
-        recent: Arc<parking_lot::RwLock<recent::Recent>>,
+        (recent, commits): (
+            Arc<parking_lot::RwLock<recent::Recent>>,
+            Arc<recent::CommitLock>,
+        ),
         marks: Arc<parking_lot::RwLock<marks::Marks>>,
         cfg: &mychat_config::StoreConfig,
         gate: Arc<durable::Gate>,
@@ -907,6 +917,7 @@ impl Writer {
             committed,
             gate,
             recent,
+            commits,
             batch_updates: Vec::new(),
             merge: None,
             merge_msgs_upto: 0,
@@ -1038,6 +1049,7 @@ impl Writer {
         // Shutting down: merge the stream log, then fold the WAL back into the
         // database file.
         let _ = self.conn.execute_batch("PRAGMA temp_store=DEFAULT");
+        let held = self.commits.write();
         match merge_all(&self.conn) {
             Ok(()) => {
                 self.recent.write().clear();
@@ -1045,6 +1057,7 @@ impl Writer {
             }
             Err(e) => tracing::error!(error = %e, "store: cannot merge the stream log"),
         }
+        drop(held);
         let _ = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
@@ -1146,6 +1159,10 @@ impl Writer {
             self.marks.write().add(&self.batch_marks)
         };
         let commit = self.gate.begin_commit();
+        // Until `recent` shows this commit, no reader may begin the snapshot it reads
+        // `recent` beside (see `recent::CommitLock`).
+        let commits = Arc::clone(&self.commits);
+        let held = commits.write();
         // The WAL's sync is left to the syncer thread (the durable module says why).
         let committed = if self.poisoned {
             Err("a write failed after it wrote".to_string())
@@ -1175,9 +1192,12 @@ impl Writer {
                 // Before anyone hears of the commit: a device that is pushed an event
                 // and syncs must find it.
                 self.logged_since_step += self.batch_updates.len();
+                #[cfg(test)]
+                tests::pause_after_commit(&self.db);
                 if !self.batch_updates.is_empty() {
                     self.recent.write().add(self.batch_updates.drain(..));
                 }
+                drop(held);
                 self.cids_since_step += self.cids.batch_len();
                 self.cids.batch_committed();
                 // Once the WAL is synced: published in commit order, then answered.
@@ -1188,6 +1208,7 @@ impl Writer {
                 });
             }
             Err(e) => {
+                drop(held);
                 tracing::error!(error = %e, "store: commit failed; the batch is refused");
                 let _ = self.conn.execute_batch("ROLLBACK");
                 self.marks.write().undo(marks_before);
@@ -1940,41 +1961,6 @@ fn read_err(e: rusqlite::Error) -> StoreError {
     internal(e)
 }
 
-/// `user`'s newest pts among the messages of the direct conversation `conv` past
-/// `msgs_upto` (whose events may not be in `updates`: the recent module), 0 if none;
-/// in the caller's snapshot.
-///
-/// A one-to-one send takes the conversation's next seq and both users' next pts
-/// together, on the writer, so within a conversation a user's pts grow with its seqs:
-/// the newest message that carries pts has the user's newest. The walk back from the
-/// conversation's end passes only messages without pts (recall notices, whose events
-/// are logged, and rows older than the pts columns) and stops at the first message
-/// whose events are merged. This replaced a scan of every message past `msgs_upto`
-/// (up to about `store.stream_log_rows` / 2 under load, 24-48 ms) at a new device's
-/// first sync with an index probe per direct conversation.
-fn unmerged_direct_pts(
-    c: &Connection,
-    user: UserId,
-    conv: ConvId,
-    msgs_upto: i64,
-) -> rusqlite::Result<i64> {
-    let mut s = c.prepare_cached(
-        "SELECT id, CASE WHEN sender_id=?2 THEN sender_pts ELSE recipient_pts END
-         FROM messages WHERE conv_id=?1 ORDER BY seq DESC",
-    )?;
-    let mut rows = s.query(params![conv.0 as i64, user.0 as i64])?;
-    while let Some(r) = rows.next()? {
-        let (id, pts): (i64, i64) = (r.get(0)?, r.get(1)?);
-        if id <= msgs_upto {
-            break;
-        }
-        if pts > 0 {
-            return Ok(pts);
-        }
-    }
-    Ok(0)
-}
-
 impl Store for SqliteStore {
     fn create_user(
         &self,
@@ -2202,24 +2188,24 @@ impl Store for SqliteStore {
         per_conv: u32,
     ) -> StoreFut<UnreadSnapshot> {
         let marks = self.marks.clone();
+        let (recent, commits) = (self.recent.clone(), self.commits.clone());
         self.read(move |c| marks::read_with(&marks, |view| {
             // One read transaction: the pts and the messages are one snapshot.
             c.execute_batch("BEGIN").map_err(read_err)?;
             let r = (|| {
-                // The pts must be exactly the snapshot's. The stream log has no index
-                // by user: this scans it (up to about three times
-                // store.stream_log_rows rows, merged ones waiting to be deleted
-                // included), once per new device. The one-to-one messages whose events
-                // may not be merged yet are not logged (the row carries both pts):
-                // those are found per conversation below.
-                let (mut pts, msgs_upto): (i64, i64) = c
-                    .prepare_cached(
-                        "SELECT MAX((SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1),
-                                    (SELECT COALESCE(MAX(pts), 0) FROM updates_log WHERE user_id=?1)),
-                                (SELECT value FROM meta WHERE key = 'stream_msgs_upto')",
-                    )
-                    .and_then(|mut s| s.query_row([user.0 as i64], |r| Ok((r.get(0)?, r.get(1)?))))
-                    .map_err(read_err)?;
+                // The pts must be exactly the snapshot's: the merged events' newest
+                // (the snapshot begins with this read) or the held ones', with no
+                // commit in between (`recent::CommitLock`). Until the tenth session
+                // this scanned the stream log and the messages past the last merge,
+                // 18-26 ms under load.
+                let pts = {
+                    let _agree = commits.read();
+                    let merged: i64 = c
+                        .prepare_cached("SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1")
+                        .and_then(|mut s| s.query_row([user.0 as i64], |r| r.get(0)))
+                        .map_err(read_err)?;
+                    (merged as u64).max(recent.read().last_pts(user).unwrap_or(0))
+                };
                 let mut convs: Vec<(i64, i64, i64)> = Vec::new(); // conv, read_seq, last_seq
                 {
                     let mut s = c
@@ -2234,14 +2220,6 @@ impl Store for SqliteStore {
                         .map_err(read_err)?;
                     for row in rows {
                         convs.push(row.map_err(read_err)?);
-                    }
-                }
-                for &(conv, _, last) in &convs {
-                    if last > 0 {
-                        pts = pts.max(
-                            unmerged_direct_pts(c, user, ConvId(conv as u64), msgs_upto)
-                                .map_err(read_err)?,
-                        );
                     }
                 }
                 // With the marks sends imply (the marks module).
@@ -2283,7 +2261,7 @@ impl Store for SqliteStore {
                     page.reverse();
                     messages.extend(page);
                 }
-                Ok(UnreadSnapshot { messages, pts: pts as u64 })
+                Ok(UnreadSnapshot { messages, pts })
             })();
             let _ = c.execute_batch("COMMIT");
             r
@@ -2743,6 +2721,71 @@ mod tests {
             require_friend: false,
             origin: None,
         }
+    }
+
+    /// Stores (databases under the path) whose writer pauses between a batch's
+    /// COMMIT and `recent` showing it, and whether one has reached that pause.
+    static PAUSES: std::sync::Mutex<Vec<(PathBuf, Duration, Arc<AtomicBool>)>> =
+        std::sync::Mutex::new(Vec::new());
+
+    pub(super) fn pause_after_commit(db: &Path) {
+        let pause = PAUSES
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(dir, _, _)| db.starts_with(dir))
+            .map(|(_, d, reached)| (*d, reached.clone()));
+        if let Some((d, reached)) = pause {
+            reached.store(true, Ordering::SeqCst);
+            std::thread::sleep(d);
+        }
+    }
+
+    /// A new device's first sync reads its pts in the snapshot it reads its messages
+    /// from: a message committed before that snapshot counts in both, even while the
+    /// writer has not shown its events in `recent` yet (here it pauses 300 ms there).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_sync_counts_a_message_whose_events_are_not_shown_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
+        let mut ids = Vec::new();
+        for name in ["alice", "bob"] {
+            ids.push(
+                store
+                    .create_user(name.into(), "x".into(), 0)
+                    .await
+                    .unwrap()
+                    .id,
+            );
+        }
+        let (alice, bob) = (ids[0], ids[1]);
+        let first = store.send_direct(text(alice, bob, 0)).await.unwrap();
+        let reached = Arc::new(AtomicBool::new(false));
+        PAUSES.lock().unwrap().push((
+            dir.path().to_path_buf(),
+            Duration::from_millis(300),
+            reached.clone(),
+        ));
+        let sending = store.clone();
+        let second = tokio::spawn(async move { sending.send_direct(text(alice, bob, 1)).await });
+        let waited = std::time::Instant::now();
+        while !reached.load(Ordering::SeqCst) {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "no commit paused"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(store.recent.read().last_pts(bob), Some(1));
+        let snapshot = store.unread_snapshot(bob, 100, 100).await.unwrap();
+        PAUSES.lock().unwrap().retain(|(d, _, _)| d != dir.path());
+        let second = second.await.unwrap().unwrap();
+        let got: Vec<u64> = snapshot.messages.iter().map(|m| m.id).collect();
+        assert_eq!(
+            (got, snapshot.pts),
+            (vec![first.message.id, second.message.id], 2)
+        );
+        store.shutdown().await.unwrap();
     }
 
     /// Bob's stream as (pts, message text).

@@ -44,6 +44,19 @@ use crate::ids::UserId;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+/// What a reader needs to read a user's pts exactly as of its snapshot: `updates` in
+/// the snapshot and [`Recent`] must hold the same commits. Events enter `Recent` just
+/// after their COMMIT and leave it just after the COMMIT that merged them, so a
+/// snapshot begun in between would see a commit that `Recent` does not show yet (a
+/// pts too low: a new device would be sent again what its snapshot gave it) or miss
+/// one whose events `Recent` already dropped. The writer holds this exclusively from a
+/// batch's COMMIT until `Recent` shows it (events added, merged ones removed); a
+/// reader holds it shared from its snapshot's first read until it has read `Recent`
+/// (a few microseconds: one index lookup). Nothing else changes `Recent` (the
+/// shutdown's final merge takes it too), so the two never disagree for such a
+/// reader. Other readers (sync pages) need no agreement (the module's doc says why).
+pub(super) type CommitLock = parking_lot::RwLock<()>;
+
 /// One event of a user's stream, as logged.
 #[derive(Clone, Debug)]
 pub(super) struct Entry {
