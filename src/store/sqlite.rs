@@ -2747,18 +2747,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_first_sync_counts_a_message_whose_events_are_not_shown_yet() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), &Default::default()).unwrap();
-        let mut ids = Vec::new();
-        for name in ["alice", "bob"] {
-            ids.push(
-                store
-                    .create_user(name.into(), "x".into(), 0)
-                    .await
-                    .unwrap()
-                    .id,
-            );
-        }
-        let (alice, bob) = (ids[0], ids[1]);
+        let (store, alice, bob) = two_users_with(dir.path(), &Default::default()).await;
         let first = store.send_direct(text(alice, bob, 0)).await.unwrap();
         let reached = Arc::new(AtomicBool::new(false));
         PAUSES.lock().unwrap().push((
@@ -2815,18 +2804,7 @@ mod tests {
             stream_merge_rows: 2,
             ..Default::default()
         };
-        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
-        let mut ids = Vec::new();
-        for name in ["alice", "bob"] {
-            ids.push(
-                store
-                    .create_user(name.into(), "x".into(), 0)
-                    .await
-                    .unwrap()
-                    .id,
-            );
-        }
-        let (alice, bob) = (ids[0], ids[1]);
+        let (store, alice, bob) = two_users_with(dir.path(), &cfg).await;
         let (mut want, mut acked) = (Vec::new(), Vec::new());
         let mut send_acked = async |n: u64, seq: u64| {
             let o = store.send_direct(text(alice, bob, n)).await.unwrap();
