@@ -2204,6 +2204,8 @@ impl Store for SqliteStore {
                         .prepare_cached("SELECT COALESCE(MAX(pts), 0) FROM updates WHERE user_id=?1")
                         .and_then(|mut s| s.query_row([user.0 as i64], |r| r.get(0)))
                         .map_err(read_err)?;
+                    #[cfg(test)]
+                    tests::pause_in_first_sync(Path::new(c.path().unwrap_or_default()));
                     (merged as u64).max(recent.read().last_pts(user).unwrap_or(0))
                 };
                 let mut convs: Vec<(i64, i64, i64)> = Vec::new(); // conv, read_seq, last_seq
@@ -2728,8 +2730,16 @@ mod tests {
     static PAUSES: std::sync::Mutex<Vec<(PathBuf, Duration, Arc<AtomicBool>)>> =
         std::sync::Mutex::new(Vec::new());
 
-    pub(super) fn pause_after_commit(db: &Path) {
-        let pause = PAUSES
+    /// The same for a new device's first sync, between its snapshot's first read and
+    /// its read of `recent`.
+    static FIRST_SYNC_PAUSES: std::sync::Mutex<Vec<(PathBuf, Duration, Arc<AtomicBool>)>> =
+        std::sync::Mutex::new(Vec::new());
+
+    fn pause_if_listed(
+        list: &std::sync::Mutex<Vec<(PathBuf, Duration, Arc<AtomicBool>)>>,
+        db: &Path,
+    ) {
+        let pause = list
             .lock()
             .unwrap()
             .iter()
@@ -2739,6 +2749,74 @@ mod tests {
             reached.store(true, Ordering::SeqCst);
             std::thread::sleep(d);
         }
+    }
+
+    pub(super) fn pause_after_commit(db: &Path) {
+        pause_if_listed(&PAUSES, db)
+    }
+
+    pub(super) fn pause_in_first_sync(db: &Path) {
+        pause_if_listed(&FIRST_SYNC_PAUSES, db)
+    }
+
+    /// Waits (up to 10 s) until a listed pause is reached.
+    async fn until_reached(reached: &AtomicBool) {
+        let waited = std::time::Instant::now();
+        while !reached.load(Ordering::SeqCst) {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "no pause reached"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The other half of the agreement: a merge that moves the user's events into
+    /// `updates` and drops them from `recent` must not commit between a first sync's
+    /// snapshot (which does not hold the merge) and its read of `recent` (which would
+    /// no longer hold the events). Bob's four events wait in `recent`; the first sync
+    /// pauses 300 ms after its snapshot began while other users' sends start a merge
+    /// whose first step takes Bob's (the lowest user id).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_sync_keeps_the_events_a_merge_moves_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = mychat_config::StoreConfig {
+            stream_log_rows: 10,
+            stream_merge_rows: 1,
+            ..Default::default()
+        };
+        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
+        let mut ids = Vec::new();
+        for name in ["bob", "alice", "carol", "dave"] {
+            let u = store.create_user(name.into(), "x".into(), 0).await;
+            ids.push(u.unwrap().id);
+        }
+        let (bob, alice, carol, dave) = (ids[0], ids[1], ids[2], ids[3]);
+        for n in 0..4 {
+            store.send_direct(text(alice, bob, n)).await.unwrap();
+        }
+        assert_eq!(store.recent.read().last_pts(bob), Some(4));
+        let reached = Arc::new(AtomicBool::new(false));
+        FIRST_SYNC_PAUSES.lock().unwrap().push((
+            dir.path().to_path_buf(),
+            Duration::from_millis(300),
+            reached.clone(),
+        ));
+        let reading = store.clone();
+        let snapshot = tokio::spawn(async move { reading.unread_snapshot(bob, 100, 100).await });
+        until_reached(&reached).await;
+        for n in 10..14 {
+            store.send_direct(text(carol, dave, n)).await.unwrap();
+        }
+        FIRST_SYNC_PAUSES
+            .lock()
+            .unwrap()
+            .retain(|(d, _, _)| d != dir.path());
+        // The merge did move Bob's events (else this test shows nothing).
+        assert_eq!(store.recent.read().last_pts(bob), None);
+        let snapshot = snapshot.await.unwrap().unwrap();
+        assert_eq!((snapshot.messages.len(), snapshot.pts), (4, 4));
+        store.shutdown().await.unwrap();
     }
 
     /// A new device's first sync reads its pts in the snapshot it reads its messages
@@ -2757,14 +2835,7 @@ mod tests {
         ));
         let sending = store.clone();
         let second = tokio::spawn(async move { sending.send_direct(text(alice, bob, 1)).await });
-        let waited = std::time::Instant::now();
-        while !reached.load(Ordering::SeqCst) {
-            assert!(
-                waited.elapsed() < Duration::from_secs(10),
-                "no commit paused"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until_reached(&reached).await;
         assert_eq!(store.recent.read().last_pts(bob), Some(1));
         let snapshot = store.unread_snapshot(bob, 100, 100).await.unwrap();
         PAUSES.lock().unwrap().retain(|(d, _, _)| d != dir.path());
