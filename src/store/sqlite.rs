@@ -2725,50 +2725,84 @@ mod tests {
         }
     }
 
-    /// Stores (databases under the path) whose writer pauses between a batch's
-    /// COMMIT and `recent` showing it, and whether one has reached that pause.
-    static PAUSES: std::sync::Mutex<Vec<(PathBuf, Duration, Arc<AtomicBool>)>> =
-        std::sync::Mutex::new(Vec::new());
+    /// Stores (by the directory their database is in) whose thread pauses at a
+    /// test hook, how long, and whether one has reached it.
+    struct Pauses(std::sync::Mutex<Vec<(PathBuf, Duration, Arc<AtomicBool>)>>);
 
-    /// The same for a new device's first sync, between its snapshot's first read and
-    /// its read of `recent`.
-    static FIRST_SYNC_PAUSES: std::sync::Mutex<Vec<(PathBuf, Duration, Arc<AtomicBool>)>> =
-        std::sync::Mutex::new(Vec::new());
+    /// A pause in place for one store until dropped.
+    struct Paused<'a> {
+        list: &'a Pauses,
+        dir: PathBuf,
+        reached: Arc<AtomicBool>,
+    }
 
-    fn pause_if_listed(
-        list: &std::sync::Mutex<Vec<(PathBuf, Duration, Arc<AtomicBool>)>>,
-        db: &Path,
-    ) {
-        let pause = list
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(dir, _, _)| db.starts_with(dir))
-            .map(|(_, d, reached)| (*d, reached.clone()));
-        if let Some((d, reached)) = pause {
-            reached.store(true, Ordering::SeqCst);
-            std::thread::sleep(d);
+    impl Pauses {
+        const fn new() -> Pauses {
+            Pauses(std::sync::Mutex::new(Vec::new()))
+        }
+
+        /// Pauses the hook for `d` in the store under `dir` until the result drops.
+        fn hold(&self, dir: &Path, d: Duration) -> Paused<'_> {
+            let reached = Arc::new(AtomicBool::new(false));
+            let entry = (dir.to_path_buf(), d, reached.clone());
+            self.0.lock().unwrap().push(entry);
+            Paused {
+                list: self,
+                dir: dir.to_path_buf(),
+                reached,
+            }
+        }
+
+        /// Called by the hook: sleeps if the store of `db` is listed.
+        fn hit(&self, db: &Path) {
+            let pause = self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(dir, _, _)| db.starts_with(dir))
+                .map(|(_, d, reached)| (*d, reached.clone()));
+            if let Some((d, reached)) = pause {
+                reached.store(true, Ordering::SeqCst);
+                std::thread::sleep(d);
+            }
         }
     }
 
+    impl Paused<'_> {
+        /// Waits (up to 10 s) until the hook is reached.
+        async fn reached(&self) {
+            let waited = std::time::Instant::now();
+            while !self.reached.load(Ordering::SeqCst) {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(10),
+                    "no pause reached"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    impl Drop for Paused<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut l) = self.list.0.lock() {
+                l.retain(|(d, _, _)| d != &self.dir);
+            }
+        }
+    }
+
+    /// The writer, between a batch's COMMIT and `recent` showing it.
+    static AFTER_COMMIT: Pauses = Pauses::new();
+    /// A new device's first sync, between its snapshot's first read and its read of
+    /// `recent`.
+    static IN_FIRST_SYNC: Pauses = Pauses::new();
+
     pub(super) fn pause_after_commit(db: &Path) {
-        pause_if_listed(&PAUSES, db)
+        AFTER_COMMIT.hit(db)
     }
 
     pub(super) fn pause_in_first_sync(db: &Path) {
-        pause_if_listed(&FIRST_SYNC_PAUSES, db)
-    }
-
-    /// Waits (up to 10 s) until a listed pause is reached.
-    async fn until_reached(reached: &AtomicBool) {
-        let waited = std::time::Instant::now();
-        while !reached.load(Ordering::SeqCst) {
-            assert!(
-                waited.elapsed() < Duration::from_secs(10),
-                "no pause reached"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        IN_FIRST_SYNC.hit(db)
     }
 
     /// The other half of the agreement: a merge that moves the user's events into
@@ -2785,33 +2819,20 @@ mod tests {
             stream_merge_rows: 1,
             ..Default::default()
         };
-        let store = SqliteStore::open(dir.path(), &cfg).unwrap();
-        let mut ids = Vec::new();
-        for name in ["bob", "alice", "carol", "dave"] {
-            let u = store.create_user(name.into(), "x".into(), 0).await;
-            ids.push(u.unwrap().id);
-        }
+        let (store, ids) = users_with(dir.path(), &cfg, &["bob", "alice", "carol", "dave"]).await;
         let (bob, alice, carol, dave) = (ids[0], ids[1], ids[2], ids[3]);
         for n in 0..4 {
             store.send_direct(text(alice, bob, n)).await.unwrap();
         }
         assert_eq!(store.recent.read().last_pts(bob), Some(4));
-        let reached = Arc::new(AtomicBool::new(false));
-        FIRST_SYNC_PAUSES.lock().unwrap().push((
-            dir.path().to_path_buf(),
-            Duration::from_millis(300),
-            reached.clone(),
-        ));
+        let paused = IN_FIRST_SYNC.hold(dir.path(), Duration::from_millis(300));
         let reading = store.clone();
         let snapshot = tokio::spawn(async move { reading.unread_snapshot(bob, 100, 100).await });
-        until_reached(&reached).await;
+        paused.reached().await;
         for n in 10..14 {
             store.send_direct(text(carol, dave, n)).await.unwrap();
         }
-        FIRST_SYNC_PAUSES
-            .lock()
-            .unwrap()
-            .retain(|(d, _, _)| d != dir.path());
+        drop(paused);
         // The merge did move Bob's events (else this test shows nothing).
         assert_eq!(store.recent.read().last_pts(bob), None);
         let snapshot = snapshot.await.unwrap().unwrap();
@@ -2827,18 +2848,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, alice, bob) = two_users_with(dir.path(), &Default::default()).await;
         let first = store.send_direct(text(alice, bob, 0)).await.unwrap();
-        let reached = Arc::new(AtomicBool::new(false));
-        PAUSES.lock().unwrap().push((
-            dir.path().to_path_buf(),
-            Duration::from_millis(300),
-            reached.clone(),
-        ));
+        let paused = AFTER_COMMIT.hold(dir.path(), Duration::from_millis(300));
         let sending = store.clone();
         let second = tokio::spawn(async move { sending.send_direct(text(alice, bob, 1)).await });
-        until_reached(&reached).await;
+        paused.reached().await;
         assert_eq!(store.recent.read().last_pts(bob), Some(1));
         let snapshot = store.unread_snapshot(bob, 100, 100).await.unwrap();
-        PAUSES.lock().unwrap().retain(|(d, _, _)| d != dir.path());
+        drop(paused);
         let second = second.await.unwrap().unwrap();
         let got: Vec<u64> = snapshot.messages.iter().map(|m| m.id).collect();
         assert_eq!(
@@ -3081,17 +3097,28 @@ mod tests {
         two_users_with(dir, &Default::default()).await
     }
 
+    /// Users named `names` (ids in that order) in a fresh store under `dir` opened
+    /// with `cfg`.
+    async fn users_with(
+        dir: &Path,
+        cfg: &mychat_config::StoreConfig,
+        names: &[&str],
+    ) -> (Arc<SqliteStore>, Vec<UserId>) {
+        let store = SqliteStore::open(dir, cfg).unwrap();
+        let mut ids = Vec::new();
+        for name in names {
+            let u = store.create_user((*name).into(), "x".into(), 0).await;
+            ids.push(u.unwrap().id);
+        }
+        (store, ids)
+    }
+
     /// Alice and Bob in a fresh store under `dir` opened with `cfg`.
     async fn two_users_with(
         dir: &Path,
         cfg: &mychat_config::StoreConfig,
     ) -> (Arc<SqliteStore>, UserId, UserId) {
-        let store = SqliteStore::open(dir, cfg).unwrap();
-        let mut ids = Vec::new();
-        for name in ["alice", "bob"] {
-            let u = store.create_user(name.into(), "x".into(), 0).await;
-            ids.push(u.unwrap().id);
-        }
+        let (store, ids) = users_with(dir, cfg, &["alice", "bob"]).await;
         (store, ids[0], ids[1])
     }
 
