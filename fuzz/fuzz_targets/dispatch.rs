@@ -3,7 +3,13 @@
 //! property (see `../harness.rs`): one answer per request with its seq and command,
 //! never INTERNAL, never a malformed frame, and the server keeps serving.
 //!
-//! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run dispatch` from `fuzz/`.
+//! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run dispatch -- -detect_leaks=0` from `fuzz/`.
+//! Leak detection is off because it reports a false leak here: after a connection has
+//! written all it had, its outbound `BytesMut` reaches its allocation only through a
+//! pointer one past the end (bytes keeps the offset apart), which LeakSanitizer does
+//! not count as a reference. The buffer is reused by the next write and freed with the
+//! connection; a leak check per input also means little against a server whose threads
+//! outlive every input.
 #![no_main]
 
 #[path = "../harness.rs"]
